@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger("lumoe_engine.ops")
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
-OPS = ("topk_routing", "align_by_expert", "lora_shrink", "lora_expand", "lora_shrink_expand")
+OPS = ("topk_routing", "align_by_expert", "lora_shrink", "lora_expand", "lora_shrink_expand", "lora_weight_grad")
 
 _resolved: dict[str, object] | None = None
 _name: str | None = None
