@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lumoe_engine.ops import dispatch, ref_lora
+from lumoe_engine.ops import dispatch
 from lumoe_engine.ops.meta import RoutingMeta
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
