@@ -107,6 +107,8 @@ def _build() -> ModuleType:
     errors = []
     for suffix, cflags, ldflags in _variants():
         folder = build_root() / f"lumoe_grouped_lora_{suffix}"
+        if not any(folder.glob("*.so")):
+            logger.info("building the C++ op in %s (first use: about a minute)", folder)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             mod = cpp_extension.load(name=f"lumoe_grouped_lora_{suffix}", sources=[str(source)],
@@ -182,15 +184,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: RoutingMeta, ranks:
         raise ValueError(f"lora_a must have shape [S, E, R, H], got {tuple(lora_a.shape)}")
     s_count, _, r_max, _ = lora_a.shape
     ids = _index(meta.ids, "meta.ids")
-    target = out
-    if target is None or not target.is_contiguous():
-        target = torch.empty(s_count, ids.numel(), r_max, dtype=torch.float32, device=x.device)
+    shape = (s_count, ids.numel(), r_max)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32):
+        raise ValueError(f"out must be fp32 [S, M, R] = {list(shape)}, got {out.dtype} {list(out.shape)}")
+    target = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=torch.float32)
     ext.lora_shrink(x, lora_a, _index(meta.sorted_ids, "meta.sorted_ids"), _index(meta.offsets, "meta.offsets"),
                     ids, _index(ranks, "ranks"), target)
-    if out is not None and target is not out:
-        if out.shape != target.shape or out.dtype != torch.float32:
-            raise ValueError(f"out must be fp32 [S, M, R] = {tuple(target.shape)}, got {out.dtype} "
-                             f"{tuple(out.shape)}")
+    if out is not None and target is not out:          # a strided out: computed contiguous, then copied in
         out.copy_(target)
         return out
     return target
