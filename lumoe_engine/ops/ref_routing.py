@@ -46,10 +46,28 @@ def topk_routing(logits: torch.Tensor, k: int, *, renormalize: bool = False, thr
 def _topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row, descending, ties to the lowest index: scores [T, E] -> values [T, k], ids [T, k].
 
-    ``torch.topk`` does not promise which of equal values it returns, and a stable full sort of [T, E] costs ~25x
-    more, so: the k-th largest value from topk, every score above it plus the lowest-index scores equal to it
-    (exactly k per row), taken in index order, then a stable sort of those k by value.
+    ``torch.topk`` does not promise which of equal values it returns. On CPU (where reading a flag costs nothing):
+    the top k+1 of a row, when strictly decreasing, are unambiguous, and only rows with a tie among them take the
+    exact path. Elsewhere (CUDA, meta) every row takes the exact path, which needs no host synchronisation.
+    NOTE: T=1024, E=4096, k=2 on this 2-core CPU: 46 ms with the fast path, ~330 ms exact path only.
     """
+    if scores.device.type != "cpu":
+        return _topk_ties(scores, k)
+    E = scores.shape[-1]
+    vals, idx = torch.topk(scores, min(k + 1, E), dim=-1)
+    values, ids = vals[:, :k].contiguous(), idx[:, :k].to(torch.int32)
+    tied = (vals[:, :-1] == vals[:, 1:]).any(dim=-1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(-1)
+        v, i = _topk_ties(scores.index_select(0, rows), k)
+        values = values.index_copy(0, rows, v)
+        ids = ids.index_copy(0, rows, i)
+    return values, ids
+
+
+def _topk_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact lowest-index tie-break without host sync: the k-th largest value, every score above it plus the
+    lowest-index scores equal to it (exactly k per row), taken in index order, then a stable sort of those k."""
     E = scores.shape[-1]
     kth = torch.topk(scores, k, dim=-1).values[:, k - 1:]
     above = scores > kth
