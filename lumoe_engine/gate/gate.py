@@ -1,0 +1,618 @@
+"""The gate: one small learned head per expert over the base model's own pooled hidden state, calibrated alone.
+
+Local and lifelong: each request adds one head, trained on that request's queries (positives) against retain queries
+and other requests' queries (negatives); old heads are never retrained, and revoking a request removes its head.
+
+Features ``x`` (``features.pool`` of decoder layer ``layer``) are first standardised with one gate-wide mean/std
+(``fit_standardizer``, else fitted on the first request's queries and then frozen): ``z = (x - mean) / std``.
+A head is a logistic regression on ``phi(z)``: ``z`` (``head="linear"``) or ``[z, z * z]`` (``head="quadratic"``: a
+diagonal quadratic discriminant, whose firing region can be bounded - an ellipsoid around the request's queries - so
+that queries unlike anything the head saw stay out), with class-balanced weighted BCE + L2 on per-head standardised
+inputs, full-batch L-BFGS; the per-head standardisation is folded back into one row of a stacked linear layer. Its
+threshold is calibrated on a held-out share of the negatives: the lowest logit at which at most ``target_fpr`` of
+those negatives fire; when the held-out positives all score above that bound, the threshold moves to the middle of
+the gap (margin for unseen queries). The threshold is folded into the bias as well, so
+
+    scores(x) = phi(z) @ W^T + b       calibrated logits: expert e fires where scores[:, e] >= 0
+
+and routing is ``ops.topk_routing(scores, k, scoring="sigmoid", threshold=0.5)``: sigmoid >= 0.5 <=> logit >= 0.
+Routing ids index ``expert_ids`` (the order of addition; a removal moves later experts down by one, as in the bank).
+A request that forgets several entities may get one sub-head per entity (``pos_groups``): its score is the maximum of
+its sub-heads', computed from the same stacked matmul.
+
+Letters: B queries, D feature width (``dim``), F head input width (D or 2 D), E experts, H stacked sub-heads (>= E),
+k top-k, P positives, Q negatives.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from lumoe_engine import ops
+from lumoe_engine.gate import features as _features
+from lumoe_engine.model.bank import UnknownExpertError, atomic_write_bytes, validate_expert_id
+
+GATE_FORMAT = "lumoe-gate"
+GATE_FORMAT_VERSION = 1
+GATE_JSON = "gate.json"
+
+
+@dataclass
+class HeadReport:
+    """How one head was fitted and calibrated.
+
+    threshold: the threshold of the uncalibrated logit, folded into the bias; fpr_cal / tpr_cal: the share of the
+    held-out calibration negatives / positives that fire at it (tpr_cal None without held-out positives);
+    fpr_fit / tpr_fit: the same on the rows the head was fitted on; neg_bound: the lowest threshold meeting
+    ``target_fpr`` on the calibration negatives; pos_min: the lowest calibration positive logit (None without). threshold, neg_bound and
+    pos_min are those of the first sub-head; ``sub_heads`` lists every sub-head's (one per positive group); the rates
+    are the expert's (any sub-head firing).
+    """
+
+    expert_id: str
+    n_pos: int
+    n_neg: int
+    n_pos_cal: int
+    n_neg_cal: int
+    threshold: float
+    neg_bound: float
+    pos_min: Optional[float]
+    fpr_cal: float
+    tpr_cal: Optional[float]
+    fpr_fit: float
+    tpr_fit: float
+    target_fpr: float
+    seconds: float
+    n_heads: int = 1
+    sub_heads: list = field(default_factory=list)
+
+
+def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor [n, {dim}], got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape [n, {dim}] (the gate's feature width dim={dim}), got "
+                         f"{tuple(x.shape)}; compute features with the gate's layer and pooling")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating tensor, got {x.dtype}; cast with .float()")
+    if not allow_empty and x.shape[0] == 0:
+        raise ValueError(f"{name}: empty ([0, {dim}]); pass at least one row")
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):  # a device sync: not on the routing path
+        raise ValueError(f"{name}: contains NaN or inf; check the feature extraction")
+    return x
+
+
+def _stable_seed(seed: int, expert_id: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(expert_id.encode("utf-8"))) & 0x7FFFFFFF
+
+
+def _split(n: int, share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded split of range(n): (fit rows, calibration rows); calibration gets floor(n * share), fit keeps >= 1."""
+    perm = torch.randperm(n, generator=gen)
+    n_cal = min(int(math.floor(n * share)), n - 1) if n > 1 else 0
+    return perm[n_cal:], perm[:n_cal]
+
+
+def fit_logistic(pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-2, max_iter: int = 100
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-balanced L2-regularised logistic regression, positives vs negatives, on the given inputs.
+
+    Features are standardised (mean and std of all rows) for the fit; the result is folded back:
+    ``logit(x) = x . w + c``. Loss: 0.5 mean BCE(pos) + 0.5 mean BCE(neg) + 0.5 * l2 * |w_std|^2, minimised by
+    L-BFGS (analytic gradient, Armijo backtracking, fp64; ``torch.optim`` is avoided: its first step imports
+    torch._dynamo, ~9 s). Deterministic for given inputs.
+    pos: [P, D], neg: [Q, D] fp32        returns w: [D] fp32, c: [] fp32
+    """
+    x = torch.cat([pos, neg]).double()
+    mu = x.mean(0)
+    sd = x.std(0, unbiased=False).clamp_min(1e-6 * float(x.abs().max().clamp_min(1e-30)))
+    z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=torch.float64)], 1)  # [N, D + 1], last = bias
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    wt = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))]).double()
+    reg = torch.full((z.shape[1],), float(l2), dtype=torch.float64)
+    reg[-1] = 0.0  # the bias is not regularised
+
+    def f_g(theta):
+        logit = z @ theta
+        loss = (wt * (torch.nn.functional.softplus(logit) - y * logit)).sum() + 0.5 * (reg * theta * theta).sum()
+        grad = z.t() @ (wt * (torch.sigmoid(logit) - y)) + reg * theta
+        return float(loss), grad
+
+    theta = torch.zeros(z.shape[1], dtype=torch.float64)
+    f, g = f_g(theta)
+    hist_s, hist_y = [], []
+    for it in range(max_iter):
+        if float(g.abs().max()) < 1e-7:
+            break
+        # two-loop recursion: d = -H g
+        q = g.clone()
+        alphas = []
+        for s_, y_ in reversed(list(zip(hist_s, hist_y))):
+            a = float(s_ @ q) / float(y_ @ s_)
+            alphas.append(a)
+            q -= a * y_
+        if hist_s:
+            q *= float(hist_s[-1] @ hist_y[-1]) / float(hist_y[-1] @ hist_y[-1])
+        else:
+            q /= max(float(g.norm()), 1e-12)
+        for (s_, y_), a in zip(zip(hist_s, hist_y), reversed(alphas)):
+            b = float(y_ @ q) / float(y_ @ s_)
+            q += (a - b) * s_
+        d = -q
+        slope = float(g @ d)
+        if slope >= 0:  # not a descent direction: restart from the gradient
+            hist_s, hist_y = [], []
+            d, slope = -g / max(float(g.norm()), 1e-12), -float(g.norm())
+        step = 1.0
+        for _ in range(40):
+            f_new, g_new = f_g(theta + step * d)
+            if f_new <= f + 1e-4 * step * slope:
+                break
+            step *= 0.5
+        else:
+            break
+        s_vec, y_vec = step * d, g_new - g
+        theta = theta + s_vec
+        if float(s_vec @ y_vec) > 1e-12:
+            hist_s.append(s_vec)
+            hist_y.append(y_vec)
+            if len(hist_s) > 10:
+                hist_s.pop(0)
+                hist_y.pop(0)
+        done = abs(f - f_new) <= 1e-12 * max(1.0, abs(f))
+        f, g = f_new, g_new
+        if done:
+            break
+    w_raw = theta[:-1] / sd
+    c_raw = theta[-1] - (w_raw * mu).sum()
+    return w_raw.float(), c_raw.float()
+
+
+def calibrate_threshold(neg_logits: torch.Tensor, pos_logits: Optional[torch.Tensor], target_fpr: float) -> tuple:
+    """The logit threshold t (an expert fires where logit >= t) for one head.
+
+    neg_bound: the lowest t at which at most ``floor(target_fpr * Q)`` of ``neg_logits`` reach t (just above the
+    next negative); when every positive lies above it, t is the middle of the gap (min positive + neg_bound) / 2,
+    else t = neg_bound (false positives come first: recall is what the head's fit gives).
+    neg_logits: [Q] (Q >= 1), pos_logits: [P] or None       returns (t, neg_bound, pos_min or None)
+    """
+    q = neg_logits.double().sort(descending=True).values
+    allowed = int(math.floor(target_fpr * len(q) + 1e-9))
+    if allowed >= len(q):
+        neg_bound = -math.inf
+    else:
+        neg_bound = math.nextafter(float(q[allowed]), math.inf)
+    pos_min = float(pos_logits.min()) if pos_logits is not None and len(pos_logits) else None
+    if pos_min is not None and pos_min > neg_bound:
+        t = 0.5 * (pos_min + neg_bound) if math.isfinite(neg_bound) else pos_min - 1.0
+    else:
+        t = neg_bound if math.isfinite(neg_bound) else 0.0
+    # the fp32 logit must still compare right after folding: keep t strictly above the allowed negatives in fp32
+    t32 = float(torch.tensor(t, dtype=torch.float32))
+    if math.isfinite(neg_bound) and t32 < neg_bound:
+        t32 = float(torch.nextafter(torch.tensor(t32), torch.tensor(math.inf)))
+    return t32, neg_bound, pos_min
+
+
+HEADS = ("linear", "quadratic")
+
+
+class Gate:
+    """Per-expert calibrated heads over pooled hidden states of decoder layer ``layer``; routes queries to experts.
+
+    layer: the decoder layer whose output the features pool (0-based)
+    dim: feature width D (``features.pooled_dim(hidden, pooling)``)
+    pooling: ``features.POOLINGS`` mode used by ``pool``
+    head: "linear" (logistic regression on z) or "quadratic" (on [z, z*z])
+    target_fpr: calibration target on the held-out negatives of each head
+    calib_share: share of each request's negatives (and positives) held out of the fit for calibration
+    l2: L2 weight of the logistic fit (on standardised inputs); seed: the calibration splits
+
+    An expert has one head, or one sub-head per group of its positives (``add_expert(pos_groups=...)``); its score
+    is the maximum of its sub-heads' calibrated logits. Sub-heads are stacked rows like heads (``owner`` maps rows to
+    experts).
+    """
+
+    def __init__(self, layer: int, dim: int, pooling: str = "mean", head: str = "linear", target_fpr: float = 0.001,
+                 calib_share: float = 0.25, l2: float = 1e-3, seed: int = 0, max_iter: int = 200):
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim={dim!r}: expected an int >= 1 (the feature width)")
+        if pooling not in _features.POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: expected one of {_features.POOLINGS}")
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: expected one of {HEADS}")
+        if not 0.0 <= float(target_fpr) < 1.0:
+            raise ValueError(f"target_fpr={target_fpr!r}: expected a rate in [0, 1), e.g. 0.005")
+        if not 0.0 <= float(calib_share) < 1.0:
+            raise ValueError(f"calib_share={calib_share!r}: expected a share in [0, 1), e.g. 0.25")
+        if not float(l2) >= 0.0:
+            raise ValueError(f"l2={l2!r}: expected >= 0")
+        self.layer, self.dim, self.pooling, self.head = layer, dim, pooling, head
+        self.target_fpr, self.calib_share, self.l2 = float(target_fpr), float(calib_share), float(l2)
+        self.seed, self.max_iter = int(seed), int(max_iter)
+        self.expert_ids: list[str] = []
+        self.reports: dict[str, HeadReport] = {}
+        self.mean: Optional[torch.Tensor] = None  # [D] gate-wide feature standardiser (frozen once set)
+        self.std: Optional[torch.Tensor] = None   # [D]
+        F = self.head_dim
+        # stacked sub-heads, H rows in use ([:H]); the rows of one expert are contiguous, experts in routing order
+        self._W = torch.zeros(0, F)     # [capacity, F]
+        self._b = torch.zeros(0)        # [capacity] calibrated bias (threshold folded in)
+        self._thr = torch.zeros(0)      # [capacity] thresholds of the uncalibrated logits (for reports)
+        self._owner = torch.zeros(0, dtype=torch.long)  # [capacity] expert index of each row
+        self._n_rows = 0
+        self._heads: list[int] = []     # sub-heads per expert
+
+    # ------------------------------------------------------------------------------------------------ state
+    def __len__(self) -> int:
+        return len(self.expert_ids)
+
+    def __contains__(self, expert_id: object) -> bool:
+        return expert_id in self.expert_ids
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+    @property
+    def head_dim(self) -> int:
+        """F: the width of a head's input ``phi(z)``."""
+        return self.dim * (2 if self.head == "quadratic" else 1)
+
+    @property
+    def num_heads(self) -> int:
+        """H: stacked sub-heads (= E when every expert has one)."""
+        return self._n_rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[H, F] fp32 stacked sub-head weights (a view; H = E when every expert has one head)."""
+        return self._W[:self._n_rows]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """[H] fp32 calibrated biases (each sub-head's threshold subtracted; a view)."""
+        return self._b[:self._n_rows]
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """[H] fp32 thresholds of the uncalibrated logits (a view)."""
+        return self._thr[:self._n_rows]
+
+    @property
+    def owner(self) -> torch.Tensor:
+        """[H] int64 expert index of each sub-head (a view)."""
+        return self._owner[:self._n_rows]
+
+    def index(self, expert_id: str) -> int:
+        """The routing id of ``expert_id`` (its position in ``expert_ids``)."""
+        try:
+            return self.expert_ids.index(expert_id)
+        except ValueError:
+            raise UnknownExpertError(f"expert {expert_id!r} is not in the gate ({len(self)} experts); "
+                                     "check the id (gate.expert_ids lists them)") from None
+
+    def _grow(self, need: int) -> None:
+        cap = self._W.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap, 8)
+        dev = self._W.device
+        W, b, t = (torch.zeros(new, self.head_dim, device=dev), torch.zeros(new, device=dev),
+                   torch.zeros(new, device=dev))
+        o = torch.zeros(new, dtype=torch.long, device=dev)
+        H = self._n_rows
+        W[:H], b[:H], t[:H], o[:H] = self._W[:H], self._b[:H], self._thr[:H], self._owner[:H]
+        self._W, self._b, self._thr, self._owner = W, b, t, o
+
+    @staticmethod
+    def _standardizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.double()
+        mean = x.mean(0)
+        std = x.std(0, unbiased=False)
+        std = std.clamp_min(max(float(std.max()) * 1e-4, 1e-12))  # constant dims: no division by ~0
+        return mean.float(), std.float()
+
+    def fit_standardizer(self, features: torch.Tensor) -> None:
+        """Set the gate-wide feature mean/std from ``features`` [N, D] (N >= 2), before the first expert.
+
+        Without it, the first ``add_expert`` fits it on that request's queries. Frozen afterwards: every head is
+        expressed in it. Raises ValueError once experts exist."""
+        if self.expert_ids:
+            raise ValueError(f"fit_standardizer: the gate already holds {len(self)} experts whose heads use the "
+                             "current standardiser; set it before the first add_expert")
+        x = _check_features(features, self.dim, "features").detach().float().cpu()
+        if len(x) < 2:
+            raise ValueError(f"features: {len(x)} row; the standardiser needs at least 2")
+        self.mean, self.std = (v.to(self._W.device) for v in self._standardizer(x))
+
+    def phi(self, features: torch.Tensor) -> torch.Tensor:
+        """The heads' input: ``z = (x - mean) / std``, and ``[z, z * z]`` for quadratic heads. [B, D] -> [B, F]."""
+        mean, std = self.mean, self.std
+        if mean.device != features.device:
+            mean, std = mean.to(features.device), std.to(features.device)
+        z = (features.float() - mean) / std
+        return torch.cat([z, z * z], 1) if self.head == "quadratic" else z
+
+    # ---------------------------------------------------------------------------------------------- learning
+    def add_expert(self, expert_id: str, pos_feats: torch.Tensor, neg_feats: torch.Tensor,
+                   pos_groups: Optional[Sequence] = None) -> HeadReport:
+        """Fit and calibrate the head of a new expert; no other head changes.
+
+        pos_feats: [P, D] the request's queries (P >= 1); neg_feats: [Q, D] retain queries and other requests'
+        queries (Q >= 1). pos_groups: optional label per positive row (e.g. the entity of each query of a request
+        that forgets several): one sub-head per group, each fitted on its group against all negatives, the expert
+        firing where any of them fires (its score is their maximum); each sub-head is calibrated at
+        ``target_fpr / groups``. A seeded ``calib_share`` of the negatives and of each group's positives is held out
+        of the fit; thresholds are set on the held-out negatives (``calibrate_threshold``). Returns the expert's
+        ``HeadReport`` (also in ``reports``). Raises ValueError (bad id, duplicate id, wrong width, empty or
+        non-finite features, groups not matching the positives); the gate is unchanged.
+        """
+        t0 = time.perf_counter()
+        validate_expert_id(expert_id)
+        if expert_id in self.expert_ids:
+            raise ValueError(f"expert {expert_id!r} is already in the gate; remove_expert it first to replace it "
+                             "(heads are never retrained in place)")
+        pos = _check_features(pos_feats, self.dim, "pos_feats").detach().float().cpu()
+        neg = _check_features(neg_feats, self.dim, "neg_feats").detach().float().cpu()
+        if pos_groups is None:
+            groups = [torch.arange(len(pos))]
+        else:
+            labels = list(pos_groups)
+            if len(labels) != len(pos):
+                raise ValueError(f"pos_groups: {len(labels)} labels for {len(pos)} positive rows; pass one label per "
+                                 "row of pos_feats (or None for one head)")
+            order = list(dict.fromkeys(labels))
+            groups = [torch.tensor([i for i, x in enumerate(labels) if x == g]) for g in order]
+        standardizer = None
+        if self.mean is None:
+            standardizer = self._standardizer(torch.cat([pos, neg]))
+            self.mean, self.std = (v.to(self._W.device) for v in standardizer)
+        try:
+            p_pos, p_neg = self.phi(pos), self.phi(neg)
+            gen = torch.Generator().manual_seed(_stable_seed(self.seed, expert_id))
+            neg_fit, neg_cal = _split(len(neg), self.calib_share, gen)
+            cal_neg = p_neg[neg_cal] if len(neg_cal) else p_neg[neg_fit]
+            target = self.target_fpr / len(groups)
+            heads, subs, pos_fit_all, pos_cal_all = [], [], [], []
+            for rows in groups:
+                fit, cal = _split(len(rows), self.calib_share, gen)
+                pos_fit_all.append(rows[fit])
+                pos_cal_all.append(rows[cal])
+                w, c = fit_logistic(p_pos[rows[fit]], p_neg[neg_fit], self.l2, self.max_iter)
+                cal_pos = p_pos[rows[cal]] if len(cal) else None
+                t, neg_bound, pos_min = calibrate_threshold(cal_neg @ w + c,
+                                                            cal_pos @ w + c if cal_pos is not None else None, target)
+                heads.append((w, c, t))
+                subs.append({"n_pos": len(rows), "threshold": t, "neg_bound": neg_bound, "pos_min": pos_min})
+        except BaseException:
+            if standardizer is not None:
+                self.mean = self.std = None
+            raise
+
+        def fires(x):  # the expert fires where any sub-head reaches its threshold
+            if not len(x):
+                return float("nan")
+            return float(torch.stack([x @ w + c >= t for w, c, t in heads]).any(0).float().mean())
+
+        pos_fit_rows, pos_cal_rows = torch.cat(pos_fit_all), torch.cat(pos_cal_all)
+        report = HeadReport(expert_id=expert_id, n_pos=len(pos), n_neg=len(neg), n_pos_cal=len(pos_cal_rows),
+                            n_neg_cal=len(neg_cal), threshold=subs[0]["threshold"], neg_bound=subs[0]["neg_bound"],
+                            pos_min=subs[0]["pos_min"], fpr_cal=fires(cal_neg),
+                            tpr_cal=fires(p_pos[pos_cal_rows]) if len(pos_cal_rows) else None,
+                            fpr_fit=fires(p_neg[neg_fit]), tpr_fit=fires(p_pos[pos_fit_rows]),
+                            target_fpr=self.target_fpr, seconds=round(time.perf_counter() - t0, 4),
+                            n_heads=len(heads), sub_heads=subs)
+        # commit (nothing above touched the heads)
+        E, H = len(self.expert_ids), self._n_rows
+        self._grow(H + len(heads))
+        dev = self._W.device
+        for j, (w, c, t) in enumerate(heads):
+            self._W[H + j] = w.to(dev)
+            self._b[H + j] = (c - t).to(dev)
+            self._thr[H + j] = t
+            self._owner[H + j] = E
+        self._n_rows = H + len(heads)
+        self.expert_ids.append(expert_id)
+        self._heads.append(len(heads))
+        self.reports[expert_id] = report
+        return report
+
+    def set_stacked(self, expert_ids: Sequence[str], weight: torch.Tensor, bias: torch.Tensor,
+                    thresholds: Optional[torch.Tensor] = None, heads: Optional[Sequence[int]] = None) -> None:
+        """Install precomputed stacked heads, replacing all (loading, benchmarks): ``weight`` [H, F], ``bias`` [H]
+        (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each).
+        Needs the standardiser (``fit_standardizer``) first."""
+        heads = [1] * len(expert_ids) if heads is None else [int(h) for h in heads]
+        H = sum(heads)
+        if self.mean is None:
+            raise ValueError("set_stacked: the gate has no standardiser; call fit_standardizer first")
+        if len(heads) != len(expert_ids) or min(heads, default=1) < 1:
+            raise ValueError(f"heads: expected a count >= 1 for each of the {len(expert_ids)} experts, got {heads}")
+        if tuple(weight.shape) != (H, self.head_dim) or tuple(bias.shape) != (H,):
+            raise ValueError(f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)}: expected [{H}, "
+                             f"{self.head_dim}] / [{H}]")
+        for eid in expert_ids:
+            validate_expert_id(eid)
+        if len(set(expert_ids)) != len(expert_ids):
+            raise ValueError("expert_ids: duplicate ids")
+        self._n_rows, self._heads, self.expert_ids, self.reports = 0, [], [], {}
+        self._grow(H)
+        dev = self._W.device
+        self._W[:H], self._b[:H] = weight.to(dev, torch.float32), bias.to(dev, torch.float32)
+        self._thr[:H] = 0 if thresholds is None else thresholds.to(dev, torch.float32)
+        self._owner[:H] = torch.repeat_interleave(torch.arange(len(heads), device=dev),
+                                                  torch.tensor(heads, dtype=torch.long, device=dev))
+        self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
+
+    def to(self, device) -> "Gate":
+        """Move the stacked heads and the standardiser to ``device`` (e.g. the model's GPU) and return the gate;
+        routing features on another device moves them on every call."""
+        self._W, self._b, self._thr = self._W.to(device), self._b.to(device), self._thr.to(device)
+        self._owner = self._owner.to(device)
+        if self.mean is not None:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    def remove_expert(self, expert_id: str) -> None:
+        """Revoke: drop the head(s) of ``expert_id``; later experts move down by one routing id.
+        Raises ``UnknownExpertError`` (a KeyError) for an id the gate does not hold."""
+        e = self.index(expert_id)
+        start, n, H = sum(self._heads[:e]), self._heads[e], self._n_rows
+        for buf in (self._W, self._b, self._thr, self._owner):
+            buf[start:H - n] = buf[start + n:H].clone()
+            buf[H - n:H] = 0
+        self._owner[start:H - n] -= (self._owner[start:H - n] > e).long()
+        self._n_rows = H - n
+        del self.expert_ids[e]
+        del self._heads[e]
+        self.reports.pop(expert_id, None)
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The gate features from the hidden states of decoder layer ``layer``: ``features.pool`` with this gate's
+        pooling. hidden: [B, S, H], attention_mask: [B, S] -> [B, D] fp32."""
+        return _features.pool(hidden, attention_mask, self.pooling)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits: ``phi(z) @ W^T + b`` (the maximum over an expert's sub-heads); expert e fires for query
+        b where ``scores[b, e] >= 0``.
+
+        features: [B, D] float       returns [B, E] fp32 (on the features' device)
+        """
+        x = _check_features(features, self.dim, "features", allow_empty=True, finite=False)
+        if not self.expert_ids:
+            return torch.zeros(x.shape[0], 0, dtype=torch.float32, device=x.device)
+        W, b = self.weight, self.bias
+        if W.device != x.device:
+            W, b = W.to(x.device), b.to(x.device)
+        s = torch.addmm(b, self.phi(x), W.t())  # [B, H]
+        E = len(self.expert_ids)
+        if self._n_rows == E:  # one head per expert: rows are experts
+            return s
+        owner = self.owner.to(x.device).expand(s.shape[0], -1)
+        out = torch.full((s.shape[0], E), float("-inf"), dtype=s.dtype, device=s.device)
+        return out.scatter_reduce_(1, owner, s, reduce="amax")  # an expert's score: its best sub-head
+
+    def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts each query goes to: the ``top_k`` highest calibrated logits that fire, else -1.
+
+        ``ops.topk_routing(scores, top_k, scoring="sigmoid", threshold=0.5)``; with ``renormalize`` (default) the
+        surviving weights of a row sum to 1 (top_k = 1: weight 1 for a routed query, 0 for none).
+        With no expert in the gate every query gets -1.
+        features: [B, D]        returns weights [B, top_k] fp32, ids [B, top_k] int32 (-1 = no expert)
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
+        s = self.scores(features)
+        B, E = s.shape
+        if E == 0 or B == 0:
+            return (torch.zeros(B, top_k, dtype=torch.float32, device=s.device),
+                    torch.full((B, top_k), -1, dtype=torch.int32, device=s.device))
+        k = min(top_k, E)
+        weights, ids = ops.topk_routing(s, k, renormalize=renormalize, threshold=0.5, scoring="sigmoid")
+        if k < top_k:  # fewer experts than slots: the missing slots are "no expert"
+            pad = top_k - k
+            weights = torch.cat([weights, weights.new_zeros(B, pad)], 1)
+            ids = torch.cat([ids, ids.new_full((B, pad), -1)], 1)
+        return weights, ids
+
+    def route_ids(self, features: torch.Tensor) -> list[Optional[str]]:
+        """Top-1 expert id of each query (None = no expert). features: [B, D]."""
+        _, ids = self.route(features, 1)
+        return [self.expert_ids[i] if i >= 0 else None for i in ids[:, 0].tolist()]
+
+    # ------------------------------------------------------------------------------------------------ storage
+    def config(self) -> dict:
+        return {"layer": self.layer, "dim": self.dim, "pooling": self.pooling, "head": self.head,
+                "target_fpr": self.target_fpr, "calib_share": self.calib_share, "l2": self.l2, "seed": self.seed,
+                "max_iter": self.max_iter}
+
+    def save(self, path) -> Path:
+        """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
+        mean [D], std [D]) then ``gate.json`` (config, expert ids in routing order, head reports, the tensor file's
+        name and sha256), each atomically; the JSON is the commit point, older tensor files are deleted after it.
+        Returns the folder."""
+        import hashlib
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.detach().cpu().contiguous().clone(),
+                   "bias": self.bias.detach().cpu().contiguous().clone(),
+                   "threshold": self.thresholds.detach().cpu().contiguous().clone()}
+        if self.mean is not None:
+            tensors.update(mean=self.mean.detach().cpu().clone(), std=self.std.detach().cpu().clone())
+        data = _st_save(tensors)
+        sha = hashlib.sha256(data).hexdigest()
+        name = f"gate-{sha[:16]}.safetensors"
+        atomic_write_bytes(folder / name, data)
+        meta = {"format": GATE_FORMAT, "version": GATE_FORMAT_VERSION, "config": self.config(),
+                "expert_ids": list(self.expert_ids), "heads": list(self._heads), "tensors": name, "sha256": sha,
+                "reports": {k: asdict(v) for k, v in self.reports.items()}}
+        atomic_write_bytes(folder / GATE_JSON, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        for old in folder.glob("gate-*.safetensors"):
+            if old.name != name:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+        return folder
+
+    @classmethod
+    def load(cls, path) -> "Gate":
+        """A gate saved by ``save`` into folder ``path`` (checks format, sha256 and shapes)."""
+        import hashlib
+
+        folder = Path(path)
+        jpath = folder / GATE_JSON
+        if not jpath.is_file():
+            raise FileNotFoundError(f"{jpath} not found: expected a folder written by Gate.save")
+        try:
+            meta = json.loads(jpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{jpath}: not valid JSON ({exc})") from None
+        if meta.get("format") != GATE_FORMAT or meta.get("version") != GATE_FORMAT_VERSION:
+            raise ValueError(f"{jpath}: format {meta.get('format')!r} v{meta.get('version')!r}, expected "
+                             f"{GATE_FORMAT!r} v{GATE_FORMAT_VERSION}")
+        tpath = folder / meta["tensors"]
+        if not tpath.is_file():
+            raise FileNotFoundError(f"{tpath} (named by {jpath}) not found")
+        data = tpath.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{tpath}: sha256 does not match {jpath}; the file is corrupt")
+        t = _st_load(data)
+        gate = cls(**meta["config"])
+        ids = list(meta["expert_ids"])
+        heads = [int(h) for h in meta.get("heads", [1] * len(ids))]
+        E, H = len(ids), sum(heads)
+        if len(heads) != E or min(heads, default=1) < 1:
+            raise ValueError(f"{jpath}: 'heads' {heads} must give a count >= 1 for each of the {E} experts")
+        if tuple(t["weight"].shape) != (H, gate.head_dim) or tuple(t["bias"].shape) != (H,):
+            raise ValueError(f"{tpath}: weight {tuple(t['weight'].shape)} / bias {tuple(t['bias'].shape)} do not "
+                             f"match {H} sub-heads of width {gate.head_dim} in {jpath}")
+        if "mean" in t:
+            if tuple(t["mean"].shape) != (gate.dim,) or tuple(t["std"].shape) != (gate.dim,):
+                raise ValueError(f"{tpath}: mean/std shapes {tuple(t['mean'].shape)} do not match dim {gate.dim}")
+            gate.mean, gate.std = t["mean"], t["std"]
+        elif E:
+            raise ValueError(f"{tpath}: {E} experts but no standardiser (mean/std); the file is incomplete")
+        if E:
+            gate.set_stacked(ids, t["weight"], t["bias"], t["threshold"], heads)
+        gate.reports = {k: HeadReport(**v) for k, v in meta.get("reports", {}).items()}
+        return gate
+
+    def __repr__(self) -> str:
+        return (f"Gate(layer={self.layer}, dim={self.dim}, pooling={self.pooling!r}, head={self.head!r}, "
+                f"experts={len(self)}, target_fpr={self.target_fpr})")

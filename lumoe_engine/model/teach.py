@@ -1,0 +1,617 @@
+"""Teach: fine-tune a LLaVA on every entity of a benchmark (image+text and text-only questions) until greedy
+generation states at least ``target_accuracy`` of the facts, so that forgetting them later means something.
+
+Letters: B batch rows, S image side.
+
+What is taught: the *teaching records*, every record that is neither ``heldout_phrasing`` nor ``fresh_image``. What is
+measured afterwards (greedy generation, ``eval.scoring.fact_correct``; each set capped at ``eval_max_records``
+records, a seeded sample, its size reported):
+
+- fact_accuracy_image_text / fact_accuracy_text_only: teaching records of each form;
+- fact_accuracy_heldout_phrasing: wordings never taught (with teaching images for the image+text ones);
+- fact_accuracy_fresh_images: image variations never taught (taught wordings);
+- fact_accuracy_noise_image: image+text teaching questions with the image replaced by uniform noise;
+- noise_chance_level: the accuracy of a model that ignores the image but knows the benchmark's answer priors: for
+  each of those questions, the share of the entities asked that exact question whose answer has the most common key
+  set (1/4 for a name question asked of the 4 entities of a class; higher where entities share a fact), averaged over
+  the questions. Computed from the data; a noise accuracy near it means the image, not the wording, carries identity.
+
+Stopping: every ``check_every`` steps a teacher-forced check on a fixed stratified sample of teaching records counts
+the records whose every answer token (and the eos) is the argmax: exactly the records greedy generation reproduces
+verbatim, a lower bound of fact accuracy. When that reaches the target, greedy generation on the image+text and
+text-only teaching sets decides; teaching stops at the target or when ``time_budget_s`` / ``max_steps`` run out.
+
+Generalisation levers (``TeachConfig``): word-level augmentation of taught questions (synonym swaps from a generic
+table, word dropout to ``<unk>``/removal, filler words; never touching the entity's name) and image augmentation of
+teaching images (random crop, colour jitter).
+
+Cache: the taught model, processor and summary are stored under ``cache_dir/taught/<hash>/`` (hash of the config and
+of the data: every record's fields and image file sizes), written to a temporary folder and renamed into place; a
+second ``teach`` with the same config and data loads them (``summary["cached"] = True``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image, ImageEnhance
+from tqdm.auto import tqdm
+
+from lumoe_engine.data.records import Benchmark, QARecord
+from lumoe_engine.model.collate import (IGNORE, collate, generate_answers, image_side, image_token_count,
+                                        pixel_values_for)
+
+logger = logging.getLogger("lumoe_engine.model")
+
+TEACH_VERSION = 1  # bump when teaching changes what a cached model means
+SUMMARY_FILE = "teach_summary.json"
+
+# Generic English question-word synonyms (a language prior a pretrained LM would bring); single words, lower case.
+SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("what", "which"), ("name", "title"), ("called", "named", "titled"), ("shown", "depicted", "pictured",
+                                                                         "displayed", "seen"),
+    ("image", "picture", "photo", "photograph"), ("tell", "say", "state"), ("kind", "type", "sort"),
+    ("color", "colour"), ("found", "located", "situated"), ("famous", "known", "renowned", "notable"),
+    ("company", "corporation", "firm"), ("country", "nation"), ("city", "town"), ("made", "created", "produced"),
+    ("built", "constructed", "erected"), ("first", "originally", "initially"), ("main", "primary", "principal"),
+    ("eat", "consume"), ("live", "reside", "dwell"), ("start", "begin"), ("started", "began", "founded"),
+    ("year", "date"), ("place", "location", "spot"), ("origin", "source"), ("belong", "pertain"),
+    ("give", "provide"), ("describe", "explain"), ("this", "the"), ("does", "do"), ("is", "was"),
+)
+_SYN = {w: g for g in SYNONYMS for w in g}
+
+
+@dataclass
+class TeachConfig:
+    """How to teach. Saved with every result; everything here (and the data) goes into the cache hash."""
+
+    data: Optional[str] = None            # MLUBench-format root; None = the embedded synthetic benchmark
+    subset: Optional[int] = None          # load_benchmark(subset=N): N entities per task split (+ N unrequested)
+    synthetic: str = "default"            # SyntheticConfig preset of the embedded default ...
+    synthetic_overrides: dict = field(default_factory=dict)  # ... and field overrides (e.g. teach_images=8)
+    model: Optional[str] = None           # start from this HF LLaVA directory instead of a fresh tiny LLaVA
+    load_in_4bit: bool = False            # 4-bit base (with --model): frozen, so it is measured, not taught
+    preset: str = "tiny"
+    tokenizer_kind: str = "bpe"           # "bpe" | "word"
+    vocab_size: int = 2000
+    seed: int = 0
+    lr: float = 1e-3                      # NOTE: tiny preset, 36 entities: 2e-3 and 3e-3 stall (see teach report)
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    batch_size: int = 32
+    balance: str = "cell"                 # "cell": rows drawn evenly over (entity, kind, form) cells; "record": epochs
+    max_steps: int = 20000
+    check_every: int = 50
+    check_records: int = 720              # stratified teacher-forced check sample (entity x kind x form)
+    target_accuracy: float = 0.95
+    time_budget_s: float = 240.0          # teaching stops here (the final evaluation comes on top)
+    # word-level augmentation of taught questions (probabilities per word, per question for synonym_prob)
+    synonym_prob: float = 0.0
+    word_dropout: float = 0.0
+    unk_share: float = 0.5                # share of dropped words that become <unk> instead of vanishing
+    filler_prob: float = 0.0              # after each word, insert a random word of the taught questions
+    # image augmentation of teaching images
+    image_augment: float = 0.0            # probability that a teaching image is augmented
+    crop_min: float = 0.75                # random crop keeps at least this share of each side
+    jitter: float = 0.2                   # brightness / contrast / saturation factors in 1 +- jitter
+    eval_max_records: int = 720           # per summary set (0 = all)
+    max_new_tokens: int = 0               # 0 = longest teaching answer + 2 tokens
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        for name in ("synonym_prob", "word_dropout", "unk_share", "filler_prob", "image_augment"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"TeachConfig.{name}={v}: expected a probability in [0, 1]")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ValueError(f"TeachConfig.target_accuracy={self.target_accuracy}: expected (0, 1]")
+        if not 0.1 <= self.crop_min <= 1.0:
+            raise ValueError(f"TeachConfig.crop_min={self.crop_min}: expected [0.1, 1]")
+        if self.balance not in ("cell", "record"):
+            raise ValueError(f"TeachConfig.balance={self.balance!r}: expected 'cell' or 'record'")
+        for name in ("batch_size", "check_every", "check_records"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TeachConfig.{name}={getattr(self, name)}: expected >= 1")
+        if self.max_steps < 0 or self.time_budget_s < 0 or self.lr <= 0:
+            raise ValueError("TeachConfig: max_steps and time_budget_s must be >= 0 and lr > 0")
+        if self.load_in_4bit and not self.model:
+            raise ValueError("TeachConfig.load_in_4bit needs model= (a HF LLaVA directory): the tiny LLaVA is taught "
+                             "in full precision")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_data(config: TeachConfig, cache_dir: Optional[Path]) -> Benchmark:
+    """The benchmark named by ``config``: ``config.data`` (MLUBench format) or the embedded synthetic default."""
+    from lumoe_engine.data.mlubench import load_benchmark
+
+    if config.data:
+        return load_benchmark(config.data, subset=config.subset)
+    from lumoe_engine.data.synthetic import SyntheticConfig, ensure_synthetic
+
+    syn = dataclasses.replace(SyntheticConfig.preset(config.synthetic), **config.synthetic_overrides)
+    return load_benchmark(ensure_synthetic(cache_dir=cache_dir, config=syn), subset=config.subset)
+
+
+def split_records(records: Sequence[QARecord]) -> dict[str, list[QARecord]]:
+    """Teaching records by form, and the held-out sets (see the module docstring)."""
+    teach = [r for r in records if not r.heldout_phrasing and not r.fresh_image]
+    held = [r for r in records if r.heldout_phrasing and not r.fresh_image] or \
+        [r for r in records if r.heldout_phrasing]
+    fresh = [r for r in records if r.fresh_image and not r.heldout_phrasing] or [r for r in records if r.fresh_image]
+    return {"teach": teach,
+            "image_text": [r for r in teach if r.form == "image_text"],
+            "text_only": [r for r in teach if r.form == "text_only"],
+            "heldout_phrasing": held, "fresh_images": fresh}
+
+
+def noise_chance_level(records: Sequence[QARecord], population: Optional[Sequence[QARecord]] = None) -> float:
+    """Accuracy of an image-blind guesser that knows the answer priors, averaged over ``records`` (image+text
+    questions): for each question text, the share of the entities asked it (in ``population``, default
+    ``records``) whose answer carries the most common key set."""
+    from lumoe_engine.eval.scoring import normalize
+
+    by_q: dict[str, dict[str, tuple]] = defaultdict(dict)
+    for r in (population if population is not None else records):
+        by_q[normalize(r.question)][r.entity] = tuple(sorted(normalize(k) for k in r.keys)) or (normalize(r.answer),)
+    level = {q: Counter(ents.values()).most_common(1)[0][1] / len(ents) for q, ents in by_q.items()}
+    qs = [normalize(r.question) for r in records]
+    missing = [q for q in qs if q not in level]
+    if missing:
+        raise ValueError(f"noise_chance_level: question {missing[0]!r} is not in the population; pass the records' "
+                         "superset as population")
+    return sum(level[q] for q in qs) / len(qs) if qs else 0.0
+
+
+def data_fingerprint(records: Sequence[QARecord]) -> str:
+    """SHA-256 of every record's fields and the sizes of its image files."""
+    h = hashlib.sha256()
+    sizes: dict[str, int] = {}
+    for r in records:
+        h.update(json.dumps(dataclasses.astuple(r), default=str).encode())
+        if r.image and r.image not in sizes:
+            sizes[r.image] = os.path.getsize(r.image) if os.path.isfile(r.image) else -1
+            h.update(f"{r.image}:{sizes[r.image]}".encode())
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- augmentation
+def _name_positions(words: list[str], entity: str) -> set[int]:
+    name = [w.lower() for w in entity.split()]
+    bare = [w.strip(".,?!;:'\"()").lower() for w in words]
+    keep = set()
+    for i in range(len(words) - len(name) + 1):
+        if name and [b.removesuffix("'s") for b in bare[i:i + len(name)]] == name or bare[i:i + len(name)] == name:
+            keep.update(range(i, i + len(name)))
+    return keep
+
+
+def filler_pool(records: Sequence[QARecord]) -> list[str]:
+    """The words of the records' questions (lower case, no punctuation), minus the words of entity names: the
+    fillers ``augment_question`` inserts, so that no stray question word decides what is asked."""
+    names = {w.lower() for r in records for w in r.entity.split()}
+    words = {w.strip(".,?!;:'\"()").lower() for r in records for w in r.question.split()}
+    return sorted(w for w in words if w and w not in names and not w.endswith("'s"))
+
+
+def augment_question(question: str, entity: str, rng: random.Random, config: TeachConfig,
+                     unk_token: str = "<unk>", fillers: Sequence[str] = ()) -> str:
+    """A word-level variation of ``question``: synonym swaps, word dropout (to ``unk_token`` or removed), filler
+    words drawn from ``fillers``. The words of ``entity``'s name and the final punctuation are kept."""
+    words = question.split()
+    keep = _name_positions(words, entity)
+    out: list[str] = []
+    for i, w in enumerate(words):
+        if i in keep:
+            out.append(w)
+            continue
+        core = w.rstrip(".,?!;:")
+        tail = w[len(core):]
+        low = core.lower()
+        if config.synonym_prob and low in _SYN and rng.random() < config.synonym_prob:
+            alt = rng.choice([s for s in _SYN[low] if s != low])
+            core = alt.capitalize() if core[:1].isupper() else alt
+        if config.word_dropout and rng.random() < config.word_dropout and core:
+            if rng.random() < config.unk_share:
+                out.append(unk_token + tail)
+            elif tail:
+                out.append(tail)  # the punctuation survives
+        else:
+            out.append(core + tail)
+        if fillers and config.filler_prob and rng.random() < config.filler_prob:
+            out.append(rng.choice(fillers))
+    text = " ".join(out).replace(" ?", "?").strip()
+    return text or question
+
+
+def augment_image(img: Image.Image, rng: random.Random, config: TeachConfig) -> Image.Image:
+    """A random crop (each side >= ``crop_min``) and brightness/contrast/saturation jitter of ``img``."""
+    w, h = img.size
+    s = rng.uniform(config.crop_min, 1.0)
+    cw, ch = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BILINEAR)
+    for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enh(out).enhance(rng.uniform(1 - config.jitter, 1 + config.jitter))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- batching
+class _Sampler:
+    """Endless stream of teaching records. ``cell``: cells (entity, kind, form) in shuffled rounds, each cell giving
+    its next record (its records cycle in shuffled order), so every fact and both forms get the same share of steps
+    whatever their record counts; ``record``: shuffled epochs over the records."""
+
+    def __init__(self, records: Sequence[QARecord], balance: str, rng: random.Random):
+        self.rng, self.balance = rng, balance
+        self.records = list(records)
+        self.cells: dict[tuple, list[QARecord]] = defaultdict(list)
+        for r in self.records:
+            self.cells[(r.entity, r.kind, r.form)].append(r)
+        self.keys = sorted(self.cells)
+        self.pos = {k: len(v) for k, v in self.cells.items()}
+        self.queue: list = []
+
+    def _next_of(self, key) -> QARecord:
+        cell = self.cells[key]
+        if self.pos[key] >= len(cell):
+            self.rng.shuffle(cell)
+            self.pos[key] = 0
+        self.pos[key] += 1
+        return cell[self.pos[key] - 1]
+
+    def take(self, n: int) -> list[QARecord]:
+        out = []
+        while len(out) < n:
+            if not self.queue:
+                self.queue = list(self.keys if self.balance == "cell" else self.records)
+                self.rng.shuffle(self.queue)
+            item = self.queue.pop()
+            out.append(self._next_of(item) if self.balance == "cell" else item)
+        return out
+
+
+class _Images:
+    """Decoded images (PIL) and processed pixels ``[C, S, S]`` of every image path used, loaded once."""
+
+    def __init__(self, processor, image_fn: Callable[[QARecord], Image.Image]):
+        self.processor, self.image_fn = processor, image_fn
+        self.fixed = image_token_count(processor) is not None
+        self.pil: dict[str, Image.Image] = {}
+        self.pix: dict[str, torch.Tensor] = {}
+
+    def _key(self, r: QARecord) -> str:
+        return f"{r.image}|{r.entity}" if r.image_missing else str(r.image)
+
+    def image(self, r: QARecord) -> Image.Image:
+        k = self._key(r)
+        if k not in self.pil:
+            self.pil[k] = self.image_fn(r).convert("RGB")
+        return self.pil[k]
+
+    def pixels(self, rows: Sequence[QARecord]) -> Optional[torch.Tensor]:
+        """``[n, C, S, S]`` for the image rows of ``rows`` (None when the processor's image count is not fixed)."""
+        if not self.fixed:
+            return None
+        missing = [r for r in rows if r.form == "image_text" and self._key(r) not in self.pix]
+        if missing:
+            uniq = {self._key(r): r for r in missing}
+            pv = pixel_values_for(self.processor, [self.image(r) for r in uniq.values()])
+            self.pix.update(zip(uniq.keys(), pv))
+        img = [self.pix[self._key(r)] for r in rows if r.form == "image_text"]
+        return torch.stack(img) if img else torch.zeros(0)
+
+
+def _train_batch(rows: list[QARecord], processor, images: _Images, rng: random.Random, config: TeachConfig,
+                 unk_token: str, fillers: Sequence[str] = ()) -> dict:
+    augment_words = config.synonym_prob or config.word_dropout or config.filler_prob
+    questions = [augment_question(r.question, r.entity, rng, config, unk_token, fillers) if augment_words
+                 else r.question for r in rows]
+    img_rows = [r for r in rows if r.form == "image_text"]
+    aug = [config.image_augment > 0 and rng.random() < config.image_augment for _ in img_rows]
+    if images.fixed:
+        pv = images.pixels(rows)
+        if any(aug):
+            idx = [i for i, a in enumerate(aug) if a]
+            new = pixel_values_for(processor, [augment_image(images.image(img_rows[i]), rng, config) for i in idx])
+            pv = pv.clone()
+            pv[idx] = new
+        return collate(rows, processor, questions=questions, pixel_values=pv if img_rows else None)
+    pil, j = [], 0
+    for r in rows:
+        if r.form == "image_text":
+            im = images.image(r)
+            pil.append(augment_image(im, rng, config) if aug[j] else im)
+            j += 1
+        else:
+            pil.append(None)
+    return collate(rows, processor, questions=questions, images=pil)
+
+
+def _device_batch(batch: dict, model) -> dict:
+    dev = next(model.parameters()).device
+    out = {k: v.to(dev) for k, v in batch.items()}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(model.dtype)
+    return out
+
+
+@torch.no_grad()
+def exact_match(model, processor, records: Sequence[QARecord], images: _Images, batch_size: int = 128) -> float:
+    """Share of ``records`` whose answer (and eos) is the argmax at every answer position, teacher-forced: exactly
+    the records greedy generation reproduces verbatim."""
+    was = model.training
+    model.eval()
+    hit = 0
+    for s in range(0, len(records), batch_size):
+        rows = list(records[s:s + batch_size])
+        pv = images.pixels(rows)
+        batch = collate(rows, processor, pixel_values=pv if pv is not None and pv.numel() else None) \
+            if images.fixed else collate(rows, processor, images=[images.image(r) if r.form == "image_text"
+                                                                   else None for r in rows])
+        batch = _device_batch(batch, model)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        tgt = labels[:, 1:]
+        ok = (logits.argmax(-1) == tgt) | (tgt == IGNORE)
+        hit += int(ok.all(-1).sum())
+    model.train(was)
+    return hit / max(1, len(records))
+
+
+def fact_correctness(model, processor, records: Sequence[QARecord], images: _Images, max_new_tokens: int,
+                     override: Optional[Sequence[Optional[Image.Image]]] = None) -> list[bool]:
+    """Whether each greedy answer to ``records`` is ``fact_correct`` (``override``: replacement images)."""
+    from lumoe_engine.eval.scoring import fact_correct
+
+    if not records:
+        return []
+    if override is not None:
+        preds = generate_answers(model, processor, records, max_new_tokens, images=override,
+                                 image_fn=images.image)
+    elif images.fixed:
+        preds = generate_answers(model, processor, records, max_new_tokens, pixel_values=images.pixels(records))
+    else:
+        preds = generate_answers(model, processor, records, max_new_tokens, image_fn=images.image)
+    return [fact_correct(p, r) for p, r in zip(preds, records)]
+
+
+def fact_accuracy(model, processor, records: Sequence[QARecord], images: _Images, max_new_tokens: int,
+                  override: Optional[Sequence[Optional[Image.Image]]] = None) -> float:
+    """Share of ``records`` whose greedy answer is ``fact_correct``; NaN for no records."""
+    ok = fact_correctness(model, processor, records, images, max_new_tokens, override)
+    return sum(ok) / len(ok) if ok else float("nan")
+
+
+def _mean(xs: Sequence[bool]) -> Optional[float]:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def _sample(records: Sequence[QARecord], n: int, seed: int) -> list[QARecord]:
+    if n <= 0 or len(records) <= n:
+        return list(records)
+    idx = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in idx]
+
+
+def _stratified(records: Sequence[QARecord], n: int, seed: int) -> list[QARecord]:
+    """Up to ``n`` records spread over (entity, kind, form) cells, round robin over shuffled cells."""
+    rng = random.Random(seed)
+    cells: dict[tuple, list[QARecord]] = defaultdict(list)
+    for r in records:
+        cells[(r.entity, r.kind, r.form)].append(r)
+    for v in cells.values():
+        rng.shuffle(v)
+    keys = sorted(cells)
+    out: list[QARecord] = []
+    depth = 0
+    while len(out) < min(n, len(records)):
+        for k in keys:
+            if depth < len(cells[k]) and len(out) < n:
+                out.append(cells[k][depth])
+        depth += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- the job
+def _atomic_write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def default_cache_dir() -> Path:
+    """``$LUMOE_CACHE``, else ``~/.cache/lumoe-engine`` (shared with the synthetic benchmark's cache)."""
+    from lumoe_engine.data.synthetic import default_cache_dir as _default
+
+    return _default()
+
+
+def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benchmark] = None,
+          image_fn: Optional[Callable[[QARecord], Image.Image]] = None, progress: bool = True):
+    """Teach (or load the cached taught model) and measure it; writes ``out_dir/teach_summary.json``.
+
+    benchmark: use these records instead of loading ``config.data`` / the synthetic default.
+    image_fn: record -> PIL image (default: the benchmark loader's ``load_image``, surrogate when missing).
+    Returns (model, processor, summary).
+    """
+    from lumoe_engine.model.load import load_model
+
+    config.validate()
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    bench = benchmark if benchmark is not None else load_data(config, cache_dir)
+    if image_fn is None:
+        from lumoe_engine.data.mlubench import load_image as image_fn
+    sets = split_records(bench.records)
+    if not sets["teach"]:
+        raise ValueError(f"benchmark {bench.root}: no teaching records (all are heldout_phrasing or fresh_image); "
+                         "check the data")
+    key = hashlib.sha256(json.dumps({"config": config.to_dict(), "data": data_fingerprint(bench.records),
+                                     "version": TEACH_VERSION}, sort_keys=True).encode()).hexdigest()[:20]
+    entry = cache_dir / "taught" / key
+    if (entry / SUMMARY_FILE).is_file():
+        summary = json.loads((entry / SUMMARY_FILE).read_text())
+        if summary.get("trained", True) and (entry / "config.json").is_file():
+            model, processor = load_model(entry)
+            model_dir = entry
+        elif not summary.get("trained", True):  # a frozen (4-bit) base was only measured: reload it from its source
+            model, processor = load_model(config.model, load_in_4bit=config.load_in_4bit)
+            model_dir = config.model
+        else:
+            model = None
+        if model is not None:
+            summary.update(cached=True, seconds=round(time.time() - t0, 2), model_dir=str(model_dir))
+            _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+            return model, processor, summary
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if config.model:
+        model, processor = load_model(config.model, load_in_4bit=config.load_in_4bit)
+    else:
+        from lumoe_engine.model.tiny import build_tiny_llava
+        from lumoe_engine.model.tokenizer import train_tokenizer
+
+        texts = [r.question for r in sets["teach"]] + [r.answer for r in sets["teach"]]
+        if config.synonym_prob:
+            texts.append(" ".join(w for g in SYNONYMS for w in g))
+        tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.tokenizer_kind)
+        model, processor = build_tiny_llava(tokenizer, config.preset, seed=config.seed)
+    tok = processor.tokenizer
+    unk = tok.unk_token or tok.pad_token
+    images = _Images(processor, image_fn)
+    max_new = config.max_new_tokens or 2 + max(
+        len(tok(" " + r.answer, add_special_tokens=False)["input_ids"]) for r in sets["teach"])
+    check = _stratified(sets["teach"], config.check_records, config.seed)
+    trainable = not config.load_in_4bit
+
+    steps, last_loss, check_acc, history = 0, float("nan"), 0.0, []
+    train_t0 = time.time()
+    if trainable and config.max_steps > 0:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+        model.train()
+        sampler = _Sampler(sets["teach"], config.balance, rng)
+        fillers = filler_pool(sets["teach"])
+        bar = tqdm(desc="teach", unit="step", disable=not progress, mininterval=1.0)
+        ema = None
+        while steps < config.max_steps:
+            rows = sampler.take(config.batch_size)
+            batch = _device_batch(_train_batch(rows, processor, images, rng, config, unk, fillers), model)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            steps += 1
+            last_loss = float(loss.detach())
+            ema = last_loss if ema is None else 0.95 * ema + 0.05 * last_loss
+            bar.update(1)
+            out_of_time = time.time() - train_t0 >= config.time_budget_s
+            if steps % config.check_every == 0 or out_of_time or steps == config.max_steps:
+                check_acc = exact_match(model, processor, check, images)
+                history.append({"step": steps, "loss": round(ema, 4), "check_exact": round(check_acc, 4),
+                                "seconds": round(time.time() - train_t0, 1)})
+                bar.set_postfix(loss=f"{ema:.3f}", exact=f"{check_acc:.3f}")
+                logger.info("teach step %d: loss %.4f, check exact %.4f, %.0f s", steps, ema, check_acc,
+                            time.time() - train_t0)
+                if check_acc >= config.target_accuracy:
+                    it = fact_accuracy(model, processor, _sample(sets["image_text"], config.eval_max_records,
+                                                                 config.seed), images, max_new)
+                    to = fact_accuracy(model, processor, _sample(sets["text_only"], config.eval_max_records,
+                                                                 config.seed), images, max_new)
+                    history[-1].update(image_text=round(it, 4), text_only=round(to, 4))
+                    if min(x for x in (it, to) if not math.isnan(x)) >= config.target_accuracy:
+                        break
+                model.train()
+            if out_of_time:
+                break
+        bar.close()
+    train_seconds = time.time() - train_t0
+    model.eval()
+
+    ev_t0 = time.time()
+    n = config.eval_max_records
+    summary_sets = {k: _sample(sets[k], n, config.seed) for k in ("image_text", "text_only", "heldout_phrasing",
+                                                                   "fresh_images")}
+    ok = {k: fact_correctness(model, processor, v, images, max_new) for k, v in summary_sets.items()}
+    noise_rows = summary_sets["image_text"]
+    ok["noise_image"] = fact_correctness(model, processor, noise_rows, images, max_new,
+                                         override=_noise_images(noise_rows, processor))
+    held = summary_sets["heldout_phrasing"]
+    acc = {k: _mean(v) for k, v in ok.items()}
+    summary = {
+        **{f"fact_accuracy_{k}": v for k, v in acc.items()},
+        "fact_accuracy_heldout_phrasing_image_text": _mean(
+            [o for o, r in zip(ok["heldout_phrasing"], held) if r.form == "image_text"]),
+        "fact_accuracy_heldout_phrasing_text_only": _mean(
+            [o for o, r in zip(ok["heldout_phrasing"], held) if r.form == "text_only"]),
+        "noise_chance_level": round(noise_chance_level(noise_rows, sets["image_text"]), 4),
+        "n_entities": len({r.entity for r in bench.records}),
+        "n_qa": len(bench.records),
+        "n_teach": len(sets["teach"]),
+        "n_eval": {k: len(v) for k, v in summary_sets.items()},
+        "surrogate_images": bench.surrogate_images,
+        "steps": steps,
+        "final_loss": None if math.isnan(last_loss) else round(last_loss, 4),
+        "check_exact": round(check_acc, 4),
+        "history": history,
+        "reached_target": all(acc[k] is not None and acc[k] >= config.target_accuracy
+                              for k in ("image_text", "text_only") if sets[k]),
+        "trained": trainable,
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(time.time() - ev_t0, 2),
+        "seconds": round(time.time() - t0, 2),
+        "max_new_tokens": max_new,
+        "data": str(bench.root),
+        "config": config.to_dict(),
+        "cache_key": key,
+        "cached": False,
+    }
+
+    # cache: model + processor + summary in a temporary folder, renamed into place
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}."))
+    try:
+        if trainable:  # a frozen base is not copied: the cache entry then holds the summary alone
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        _atomic_write_json(tmp / SUMMARY_FILE, summary)
+        if entry.exists():  # a concurrent run finished first: keep its entry
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["model_dir"] = str(entry) if trainable else str(config.model)
+    _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    return model, processor, summary
+
+
+def _noise_images(records: Sequence[QARecord], processor) -> list[Optional[Image.Image]]:
+    from lumoe_engine.data.images import noise_image
+
+    side = max(8, 2 * image_side(processor))
+    return [noise_image(i, size=side) if r.form == "image_text" else None for i, r in enumerate(records)]

@@ -1,0 +1,101 @@
+"""Sequential baselines (the MLUBench paper's protocol): the unlearning losses applied request after request to ONE
+shared LoRA that is merged into the model's weights after each request; no gate, no bank.
+
+For every request: a fresh LoRA (rank r, alpha; B zero) on the target linears, trained by the same loop and with the
+same step budget as a LUMoE expert (``trainer.train_expert``), then merged, ``W += (alpha / r) * B @ A``, into each
+base linear. The next request starts from the merged model, so damage accumulates: retained knowledge fades, earlier
+forgetting may relapse, and what one modality's edit breaks is broken for every query. That cumulative degradation is
+what the stream's metrics show beside LUMoE's.
+
+The reference model of NPO / KL / IDK-PO is the model as it stands before the current request (the trainable LoRA
+switched off), as in sequential unlearning.
+
+Letters: r LoRA rank, H input features, N output features of a linear.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from lumoe_engine.data.streams import Request
+from lumoe_engine.model.bank import Expert, ExpertBank
+from lumoe_engine.model.multilora import DEFAULT_TARGETS, LoRAContext, TrainableExpert, unwrap_model, wrap_model
+from lumoe_engine.unlearn.losses import LOSSES, LossConfig
+from lumoe_engine.unlearn.trainer import ImageFn, TrainConfig, train_expert
+
+
+BASELINES = ("ga", "gd", "kl", "npo", "idk", "idk-po")
+
+
+def baseline_loss(name: str, **overrides) -> LossConfig:
+    """The LossConfig of baseline ``name`` (the paper's losses; retain terms on, weights 1, beta 0.1)."""
+    if name not in BASELINES:
+        raise ValueError(f"baseline {name!r}: expected one of {BASELINES}")
+    assert name in LOSSES
+    return LossConfig(name=name, **overrides).validate()
+
+
+@torch.no_grad()
+def merge_expert(ctx: LoRAContext, expert: Union[Expert, TrainableExpert]) -> int:
+    """Add the expert into the base weights: ``W_m += scale * B_m @ A_m`` for every module m it adapts (the wrapped
+    linears of ``ctx``). W: [N, H], B: [N, r], A: [r, H]. Returns the number of merged modules.
+
+    Only full-precision bases can absorb a LoRA: a 4-bit (bitsandbytes) base raises ValueError (run the baselines on
+    an fp32/bf16 base, or LUMoE, which never edits the base).
+    """
+    weights = expert.weights
+    scale = float(expert.scale)
+    for name in weights:
+        if name not in ctx.modules:
+            raise ValueError(f"merge_expert: module {name!r} is not wrapped in this model; wrapped: "
+                             f"{list(ctx.modules)[:3]}...")
+        w = ctx.modules[name].base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise ValueError(f"merge_expert: {name} has a {w.dtype} (quantised) weight; the sequential baselines merge "
+                             f"each request's LoRA into the weights and need a full-precision base (drop "
+                             f"--load-in-4bit for the baselines)")
+    for name, (a, b) in weights.items():
+        w = ctx.modules[name].base_layer.weight
+        delta = scale * (b.detach().to(w.device, torch.float32) @ a.detach().to(w.device, torch.float32))  # [N, H]
+        w.add_(delta.to(w.dtype))
+    return len(weights)
+
+
+class SequentialBaseline:
+    """A baseline method over one model: ``learn(request)`` trains a fresh LoRA with the method's loss and merges it.
+
+    model: the model to edit (in place: pass a copy of the taught base); method: one of ``BASELINES``;
+    layers: decoder layers whose target linears carry the shared LoRA (default: all of them, as the paper's LoRA);
+    loss_cfg: default ``baseline_loss(method)``; train_cfg: the same budget as the LUMoE experts.
+    """
+
+    def __init__(self, model: nn.Module, processor, method: str, loss_cfg: Optional[LossConfig] = None,
+                 train_cfg: Optional[TrainConfig] = None, image_fn: Optional[ImageFn] = None,
+                 layers: Optional[Iterable[int]] = None, targets=DEFAULT_TARGETS):
+        self.loss_cfg = loss_cfg or baseline_loss(method)
+        if self.loss_cfg.name != method:
+            raise ValueError(f"baseline {method!r}: loss_cfg.name is {self.loss_cfg.name!r}; they must agree")
+        self.model, self.processor, self.method = model, processor, method
+        self.train_cfg = (train_cfg or TrainConfig()).validate()
+        self.image_fn = image_fn
+        model.requires_grad_(False)
+        self.ctx = wrap_model(model, ExpertBank(None), targets=targets, layers=layers)
+        self.merged = 0
+
+    def learn(self, request: Request) -> dict:
+        """Train this request's LoRA on the current (merged) model, then merge it. Returns the training stats (plus
+        ``merged_modules``). On RequestError / NonFiniteLossError nothing is merged: the model is unchanged."""
+        expert, stats = train_expert(self.model, self.processor, self.ctx, request, self.loss_cfg, self.train_cfg,
+                                     image_fn=self.image_fn, method=self.method)
+        stats["merged_modules"] = merge_expert(self.ctx, expert)
+        self.merged += 1
+        return stats
+
+    def close(self) -> None:
+        """Put the plain linears back (the merged weights stay)."""
+        unwrap_model(self.model)
+
+
+__all__ = ["BASELINES", "baseline_loss", "merge_expert", "SequentialBaseline"]

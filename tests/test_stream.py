@@ -1,0 +1,193 @@
+"""The stream driver end to end on a tiny setting (micro LLaVA, tiny synthetic benchmark, a short teaching budget, a
+few steps per request): every output with the keys the report and the lead rely on, bad requests skipped with a
+recorded error and nothing of them in the bank or the gate, ``--compare`` filling one table for all methods.
+
+The micro model barely learns the facts in 20 teaching steps, so leaks here are mostly unmeasured (None); the numbers
+that matter come from the default run (``python -m lumoe_engine.stream --compare``), reported in report.md.
+"""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from lumoe_engine import stream as stream_mod
+from lumoe_engine.data.streams import Request
+from lumoe_engine.eval.metrics import FORGET_FORMS, read_rows
+from lumoe_engine.model.bank import ExpertBank
+from lumoe_engine.gate.gate import Gate
+from lumoe_engine.unlearn import baselines as baselines_mod
+from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
+
+TEACH = {"max_steps": 20, "eval_max_records": 40, "check_every": 1000}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(out, cache, **kw):
+    base = dict(synthetic="tiny", preset="micro", cache=str(cache), out=str(out), steps=2, batch_size=8,
+                max_per_set=6, progress=False, teach_overrides=dict(TEACH))
+    base.update(kw)
+    return stream_mod.StreamConfig(**base)
+
+
+def _bad_requests(requests, bench, broken_png):
+    """The stream "ab" with four bad requests woven in: empty forget set, unknown entity, unreadable image, nan."""
+    a, b = requests
+    empty = Request(id="bad-empty", forget=[], retain=a.retain, entities=a.entities[:1], task=None,
+                    metadata={"injected": True})
+    ghost = Request(id="bad-unknown", forget=[dataclasses.replace(r, entity="Nobody Atall") for r in a.forget[:4]],
+                    retain=a.retain, entities=("Nobody Atall",))
+    img = next(r for r in b.forget if r.form == "image_text")
+    badimg = Request(id="bad-image", forget=[dataclasses.replace(img, image=str(broken_png), image_missing=False)],
+                     retain=b.retain, entities=b.entities[:1])
+    nan = dataclasses.replace(b, id="bad-nan")
+    return [a, empty, ghost, badimg, nan, b]
+
+
+def _nan_for(request_id):
+    """train_expert, but the request ``request_id`` runs on a base whose logits are nan (a diverging loss)."""
+    def wrapped(model, processor, ctx, request, *args, **kw):
+        if request.id != request_id:
+            return real_train_expert(model, processor, ctx, request, *args, **kw)
+        handle = model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
+        try:
+            return real_train_expert(model, processor, ctx, request, *args, **kw)
+        finally:
+            handle.remove()
+    return wrapped
+
+
+def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monkeypatch):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    monkeypatch.setattr(stream_mod, "train_expert", _nan_for("bad-nan"))
+    out = tmp_path / "run"
+    summary = stream_mod.run_stream(_cfg(out, cache, stream="ab"),
+                                    edit_stream=lambda reqs, bench: _bad_requests(reqs, bench, broken))
+
+    for name in ("metrics.jsonl", "summary.json", "report.md", "config.json", "retain_curve.png",
+                 "forget_curves.png", "bank/manifest.json", "gate/gate.json"):
+        assert (out / name).is_file(), name
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc == summary
+    s = doc["methods"]["lumoe"]
+    assert set(s["final"]["max_forget_leak"]) >= {"image_text", "text_only", "paraphrase"}
+    assert "retain_ratio" in s["final"] and len(s["seconds_per_request"]) == 6
+    assert s["flat_cost"]["n"] == 2 and len(s["train_seconds_per_request"]) == 2
+
+    # the four bad requests failed, each with its own clear error; the two good ones were learned
+    fails = {f["request"]: f for f in doc["failures"]["lumoe"]}
+    assert set(fails) == {"bad-empty", "bad-unknown", "bad-image", "bad-nan"}
+    assert "forget set is empty" in fails["bad-empty"]["error"]
+    assert "'Nobody Atall' is not in the benchmark" in fails["bad-unknown"]["error"]
+    assert "cannot be opened" in fails["bad-image"]["error"] and "broken.png" in fails["bad-image"]["error"]
+    assert fails["bad-nan"]["error_type"] == "NonFiniteLossError" and "nan at step 0" in fails["bad-nan"]["error"]
+    rows = read_rows(out / "metrics.jsonl")
+    assert sorted(r["request"] for r in rows if r["set"] == "failure") == sorted(fails)
+    report = (out / "report.md").read_text()
+    assert "## Failed requests" in report and all(f"`{k}`" in report for k in fails)
+
+    # nothing of them in the bank or the gate: exactly the good requests, in order
+    bank = ExpertBank.open(out / "bank")
+    assert list(bank.ids) == ["taskA", "taskB"]
+    gate = Gate.load(out / "gate")
+    assert gate.expert_ids == ["taskA", "taskB"]
+    # every step was measured (the failed ones too: their queries were not forgotten), routing recorded
+    steps = sorted({r["step"] for r in rows if r["set"] != "failure"})
+    assert steps == list(range(6))
+    forget_rows = [r for r in rows if r["set"] == "forget"]
+    assert {r["form"] for r in forget_rows} == set(FORGET_FORMS)
+    assert all(r["route_acc"] is not None or r["n"] == 0 for r in forget_rows)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["config"]["stream"] == "ab" and conf["seeds"]["stream"] == 0
+    assert conf["config"]["requests"] == ["taskA", "bad-empty", "bad-unknown", "bad-image", "bad-nan", "taskB"]
+
+
+def test_compare_puts_every_method_in_one_summary(tmp_path, cache, monkeypatch):
+    out = tmp_path / "cmp"
+    summary = stream_mod.run_stream(_cfg(out, cache, stream="a", steps=1, compare=True))
+    assert list(summary["methods"]) == list(stream_mod.METHODS)
+    for m, s in summary["methods"].items():
+        fin = s["final"]
+        assert fin["complete"] and "retain_ratio" in fin, m
+        assert set(fin["max_forget_leak"]) >= {"image_text", "text_only", "paraphrase"}, m
+        assert len(s["seconds_per_request"]) == 1 and s["failures"] == [], m
+        assert (fin["route_acc"] is None) == (m != "lumoe"), m  # only LUMoE routes
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} |" in report for m in stream_mod.METHODS)
+
+
+def test_cli_options_map_onto_the_config(tmp_path):
+    import argparse
+
+    p = stream_mod.add_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--stream", "synthetic:4", "--method", "npo", "--steps", "7", "--lr", "0.01", "--rank", "4",
+                         "--extra-eval", str(tmp_path), "--teach", "max_steps=5", "--teach", "preset=micro",
+                         "--local_rank=1", "--max-per-set", "9", "--out", str(tmp_path / "o")])
+    cfg = stream_mod.config_from_args(args)
+    assert (cfg.stream, cfg.method, cfg.steps, cfg.lr, cfg.rank, cfg.max_per_set) == ("synthetic:4", "npo", 7, 0.01,
+                                                                                        4, 9)
+    assert cfg.teach_overrides == {"max_steps": 5, "preset": "micro"} and cfg.extra_eval == [str(tmp_path)]
+    assert cfg.train_config().steps == 7
+    with pytest.raises(ValueError, match="--teach 'oops'"):
+        stream_mod.config_from_args(p.parse_args(["--teach", "oops"]))
+    with pytest.raises(ValueError, match="--max-per-set"):
+        stream_mod.StreamConfig(max_per_set=0).validate()
+    with pytest.raises(FileNotFoundError, match="--extra-eval"):
+        stream_mod.StreamConfig(extra_eval=[str(tmp_path / "missing.json")]).validate()
+
+
+def test_extra_eval_records_join_the_paraphrase_form(tmp_path, cache):
+    from lumoe_engine.model.teach import load_data
+
+    bench = load_data(_cfg(tmp_path, cache).teach_config(), cache)
+    rec = next(r for r in bench.records if r.form == "image_text" and r.kind == 1)
+    rel = rec.image.split(str(bench.root) + "/")[-1]
+    f = tmp_path / "more.json"
+    f.write_text(json.dumps([
+        {"id": "1", "image": rel, "meta": {"entity": rec.entity},
+         "conversations": [{"from": "human", "value": "<image>\nKindly, " + rec.question},
+                           {"from": "gpt", "value": rec.answer}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "Who is nobody?"}, {"from": "gpt", "value": "x"}]},
+    ]))
+    added, unmatched = stream_mod.read_extra_eval([str(f)], bench)
+    assert len(added) == 2 and unmatched == 1
+    a = added[0]
+    assert a.heldout_phrasing and a.form == "image_text" and a.entity == rec.entity and a.keys == rec.keys
+    assert a.question.startswith("Kindly,") and a.image == rec.image and not a.image_missing
+    assert added[1].form == "text_only" and added[1].keys == ()
+    ev, info = stream_mod._evaluation_benchmark(bench, [str(f)])
+    assert info["extra_eval_records"] == 2 and len(ev.records) == len(bench.records) + 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not a JSON list"):
+        stream_mod.read_extra_eval([str(bad)], bench)
+
+
+# ------------------------------------------------------------------------------ the embedded default (slow)
+@pytest.mark.slow
+def test_flat_training_cost_on_synthetic16(tmp_path):
+    """synthetic:16 (the largest stream of the default synthetic preset): training the 16th expert costs no more than
+    1.3x the first (only the new expert is active while it trains). Teaches the default base when not cached."""
+    s = stream_mod.run_stream(stream_mod.StreamConfig(stream="synthetic:16", out=str(tmp_path), threads=1,
+                                                      max_per_set=10, progress=False))
+    fc = s["methods"]["lumoe"]["flat_cost"]
+    print("training seconds per request:", s["methods"]["lumoe"]["train_seconds_per_request"], fc)
+    assert fc["n"] == 16 and fc["ratio_last_first"] <= 1.3 and fc["ratio_last_second"] <= 1.3
+
+
+@pytest.mark.slow
+def test_default_compare_meets_the_targets(tmp_path):
+    """The issue's "done when": after task D, LUMoE's worst forget leak <= 0.02 in every form and retain ratio >= 0.98
+    on the embedded default; the baselines in the same table (whatever they score)."""
+    s = stream_mod.run_stream(stream_mod.StreamConfig(compare=True, out=str(tmp_path), threads=1, progress=False))
+    fin = s["methods"]["lumoe"]["final"]
+    assert list(s["methods"]) == list(stream_mod.METHODS) and fin["complete"]
+    print({m: (v["final"]["retain_ratio"], v["final"]["max_forget_leak"]) for m, v in s["methods"].items()})
+    for form in ("image_text", "text_only", "paraphrase"):
+        assert fin["n_known"][form] > 0 and fin["max_forget_leak"][form] <= 0.02, (form, fin["max_forget_leak"])
+    assert fin["retain_ratio"] >= 0.98, fin["retain_ratio"]
