@@ -67,7 +67,8 @@ def _build(kind: str, vocab_size: int) -> tuple[Tokenizer, object]:
                                       initial_alphabet=_ALPHABET, show_progress=False)
     elif kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        # every word of the training text is kept (an answer word mapped to <unk> could never be generated)
+        trainer = trainers.WordLevelTrainer(vocab_size=1 << 30, special_tokens=list(SPECIAL_TOKENS),
                                             min_frequency=1, show_progress=False)
     else:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -84,7 +85,7 @@ def _build(kind: str, vocab_size: int) -> tuple[Tokenizer, object]:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, kind: str = "bpe") -> PreTrainedTokenizerFast:
     """Train the tokenizer on ``texts`` (questions and answers) and wrap it as a ``PreTrainedTokenizerFast``.
 
-    vocab_size: upper bound (a word-level vocabulary keeps the most frequent words; BPE stops merging there).
+    vocab_size: BPE stops merging there; a word-level vocabulary keeps every word of ``texts``.
     Returns a tokenizer that prepends ``<s>``, pads on the left (generation), carries ``CHAT_TEMPLATE``.
     """
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
