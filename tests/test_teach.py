@@ -100,12 +100,31 @@ def test_cell_sampler_balances_forms():
 def test_augment_question_keeps_the_entity_name():
     config = TeachConfig(synonym_prob=1.0, word_dropout=0.5, filler_prob=0.3)
     rng = random.Random(0)
+    seen = set()
     for _ in range(50):
-        q = augment_question("What does Brisk Hare eat in the picture?", "Brisk Hare", rng, config)
+        q = augment_question("What does Brisk Hare eat in the picture?", "Brisk Hare", rng, config,
+                             fillers=["where", "born"])
         assert "Brisk Hare" in q
         assert q.endswith("?")
-    plain = augment_question("What does Brisk Hare eat?", "Brisk Hare", rng, TeachConfig())
+        seen.add(q)
+    assert len(seen) > 10 and any("<unk>" in q for q in seen) and any("born" in q for q in seen)
+    assert any("Which" in q for q in seen)  # synonym swap of "What"
+    plain = augment_question("What does Brisk Hare eat?", "Brisk Hare", rng, TeachConfig(word_dropout=0.0))
     assert plain == "What does Brisk Hare eat?"
+
+
+def test_4bit_base_is_measured_not_taught(taught, cache, tmp_path):
+    """--model DIR --load-in-4bit: the frozen NF4 base is measured (no step) and keeps most of what it was taught."""
+    config, _, _, _, summary = taught
+    frozen = TeachConfig(synthetic="default", synthetic_overrides=SMALL, model=summary["model_dir"],
+                         load_in_4bit=True, eval_max_records=64)
+    model, _, s4 = teach(frozen, tmp_path, cache_dir=cache, progress=False)
+    print({k: s4[k] for k in SUMMARY_KEYS})
+    assert s4["trained"] is False and s4["steps"] == 0 and s4["model_dir"] == summary["model_dir"]
+    assert s4["fact_accuracy_text_only"] >= summary["fact_accuracy_text_only"] - 0.3
+    assert s4["fact_accuracy_image_text"] >= summary["noise_chance_level"] + 0.3
+    again = teach(frozen, tmp_path, cache_dir=cache, progress=False)[2]
+    assert again["cached"] is True and again["fact_accuracy_text_only"] == s4["fact_accuracy_text_only"]
 
 
 def test_teach_config_errors():

@@ -36,7 +36,8 @@ def attn_implementation() -> str:
 
 
 def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
-    """Set ``support_avx512bf16_for_cpu = False`` on every bitsandbytes ``Linear4bit`` of ``model``; returns how many."""
+    """Set ``support_avx512bf16_for_cpu = False`` on every bitsandbytes ``Linear4bit`` of ``model``; returns the
+    number of such layers."""
     try:
         import bitsandbytes as bnb
     except Exception:

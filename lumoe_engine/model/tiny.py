@@ -118,8 +118,7 @@ def build_tiny_llava(tokenizer: PreTrainedTokenizerFast, preset: str | TinyPrese
     config = build_config(tokenizer, p)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.config._attn_implementation = "sdpa"
+        model = LlavaForConditionalGeneration(config)  # attention: sdpa (transformers' default on CPU)
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = (tokenizer.pad_token_id, tokenizer.eos_token_id,
                                                          tokenizer.bos_token_id)
