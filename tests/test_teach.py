@@ -26,7 +26,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def taught(cache, tmp_path_factory):
     config = TeachConfig(synthetic="default", synthetic_overrides=SMALL, preset="micro", batch_size=16, lr=3e-3,
-                         max_steps=250, check_every=50, time_budget_s=120, eval_max_records=64, seed=0)
+                         max_steps=250, check_every=50, eval_max_records=64, seed=0)
     out = tmp_path_factory.mktemp("out")
     model, processor, summary = teach(config, out, cache_dir=cache, progress=False)
     return config, out, model, processor, summary
@@ -60,6 +60,17 @@ def test_teach_is_cached(taught, cache, tmp_path):
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["cached"] is True
+
+
+def test_run_cut_by_the_clock_is_not_cached(cache, tmp_path):
+    """A wall-clock stop depends on the machine's speed: its model is returned but never cached as the config's."""
+    config = TeachConfig(synthetic="default", synthetic_overrides=SMALL, preset="micro", batch_size=8, max_steps=50,
+                         check_every=1000, time_budget_s=1e-6, eval_max_records=8, seed=1)
+    _, _, first = teach(config, tmp_path / "a", cache_dir=cache, progress=False)
+    assert first["stopped_by_clock"] is True and first["steps"] == 1 and first["model_dir"] is None
+    assert not (cache / "taught" / first["cache_key"]).exists()
+    _, _, second = teach(config, tmp_path / "b", cache_dir=cache, progress=False)
+    assert second["cached"] is False and second["stopped_by_clock"] is True
 
 
 def _rec(uid, entity, kind, form, question, answer, held=False, fresh=False):
