@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lumoe_engine.ops import build_routing, grouped_lora, ref_lora, reset_backend
-from test_lora_ops import Case, make
+from lora_cases import Case
+from test_lora_ops import make
 from tolerances import assert_close
 
 CASES = [

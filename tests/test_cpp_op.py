@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from lumoe_engine.ops import ref_lora
 from lumoe_engine.ops.ref_routing import align_by_expert as ref_align
+import lora_cases
+from lora_cases import Case
 from tolerances import assert_close
 
 if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -32,26 +32,13 @@ def built():
     assert cpp.available(), f"a C++ compiler is present but the op did not build: {cpp._error}"
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    T: int
-    k: int
-    E: int
-    H: int
-    R: int
-    widths: tuple  # N of each slice
-    ranks: tuple   # per expert, in [0, R]
-    route: str     # "random" (last expert never chosen) | "minus1" (30% -1, every 5th token all -1) | "one"
-
-
 CASES = [
     Case("t1_h59_s1_k1", 1, 1, 3, 59, 16, (37,), (16, 5, 0), "random"),
     Case("t3_h111_s3_k2", 3, 2, 5, 111, 24, (20, 33, 9), (1, 24, 17, 0, 8), "random"),
     Case("t7_h2049_s1_k2", 7, 2, 4, 2049, 16, (48,), (16, 3, 9, 16), "minus1"),
     Case("t133_h59_s3_k2_minus1", 133, 2, 7, 59, 24, (16, 48, 5), (24, 3, 0, 11, 24, 7, 1), "minus1"),
-    Case("t133_h111_s1_k1_one", 133, 1, 3, 111, 16, (29,), (4, 16, 9), "one"),
-    Case("t133_h65_s3_k2_one_r64", 133, 2, 2, 65, 64, (40, 24, 77), (64, 33), "one"),
+    Case("t133_h111_s1_k1_one", 133, 1, 3, 111, 16, (29,), (4, 16, 9), "one_last"),
+    Case("t133_h65_s3_k2_one_r64", 133, 2, 2, 65, 64, (40, 24, 77), (64, 33), "one_last"),
     Case("t133_h64_s1_k1_r1", 133, 1, 5, 64, 1, (256,), (1, 1, 0, 1, 1), "random"),
 ]
 IDS = [c.name for c in CASES]
@@ -59,32 +46,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def make(case: Case, dtype=torch.float32, seed: int = 0) -> dict:
-    """Random inputs of ``case``; weights are 0 where ids == -1; meta from the reference alignment."""
-    g = torch.Generator().manual_seed(seed)
-    T, k, E = case.T, case.k, case.E
-    pool = E - 1 if case.route in ("random", "minus1") else E
-    ids = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    if case.route == "one":
-        ids[:, 0] = E - 1
-        ids[:, 1:] = -1
-    if case.route == "minus1":
-        ids[torch.rand(T, k, generator=g) < 0.3] = -1
-        ids[::5] = -1
-    weights = torch.rand(T, k, generator=g) + 0.1
-    weights[ids < 0] = 0.0
-    offs = torch.tensor([0, *torch.tensor(case.widths).cumsum(0).tolist()], dtype=torch.int32)
-    d = dict(
-        x=torch.randn(T, case.H, generator=g).to(dtype),
-        lora_a=(torch.randn(len(case.widths), E, case.R, case.H, generator=g) * 0.2).to(dtype),
-        lora_b=(torch.randn(E, sum(case.widths), case.R, generator=g) * 0.2).to(dtype),
-        slice_offsets=offs,
-        ids=ids,
-        weights=weights,
-        scales=torch.rand(E, generator=g) + 0.5,
-        ranks=torch.tensor(case.ranks, dtype=torch.int32),
-        y=torch.randn(T, sum(case.widths), generator=g).to(dtype),
-    )
-    d["meta"] = ref_align(ids, E, 16)._replace(weights=weights)
+    """Random inputs of ``case`` (lora_cases.make); meta from the reference alignment."""
+    d = lora_cases.make(case, dtype, seed)
+    d["meta"] = ref_align(d["ids"], case.E, 16)._replace(weights=d["weights"])
     return d
 
 

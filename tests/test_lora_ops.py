@@ -5,8 +5,6 @@ Legend: T tokens, E experts, k top-k, M = T*k routed rows, S slices, H input fea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -16,24 +14,9 @@ from lumoe_engine.kernels.lora_grad import lora_weight_grad as triton_weight_gra
 from lumoe_engine.kernels.lora_shrink import lora_shrink as triton_shrink
 from lumoe_engine.kernels.lora_shrink_expand import lora_shrink_expand as triton_shrink_expand
 from lumoe_engine.ops import build_routing, lora, ref_lora, reset_backend
+import lora_cases
+from lora_cases import Case
 from tolerances import assert_close
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    T: int
-    k: int
-    E: int
-    H: int
-    R: int
-    widths: tuple          # N of each slice
-    ranks: tuple           # per expert, in [0, R]
-    route: str             # "random" (expert E-1 never chosen) | "distinct" (k = E) | "minus1" | "one"
-
-    @property
-    def N(self) -> int:
-        return sum(self.widths)
 
 
 CASES = [
@@ -48,33 +31,9 @@ LOW = [torch.float16, torch.bfloat16]
 
 
 def make(case: Case, dtype=torch.float32, seed: int = 0, device="cpu") -> dict:
-    """Random inputs of ``case``; ids follow ``case.route``; weights 0 where ids == -1."""
-    g = torch.Generator().manual_seed(seed)
-    T, k, E = case.T, case.k, case.E
-    pool = E - 1 if case.route in ("random", "minus1") else E      # expert E-1 gets no token
-    ids = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-    if case.route == "one":
-        ids.fill_(1)
-    if case.route == "minus1":
-        ids[torch.rand(T, k, generator=g) < 0.3] = -1
-        ids[::5] = -1                                               # whole tokens without an expert
-    weights = torch.rand(T, k, generator=g) + 0.1
-    weights[ids < 0] = 0.0
-    offs = torch.tensor([0, *torch.tensor(case.widths).cumsum(0).tolist()], dtype=torch.int32)
-    d = dict(
-        x=torch.randn(T, case.H, generator=g).to(dtype),
-        lora_a=(torch.randn(len(case.widths), E, case.R, case.H, generator=g) * 0.2).to(dtype),
-        lora_b=(torch.randn(E, case.N, case.R, generator=g) * 0.2).to(dtype),
-        slice_offsets=offs,
-        ids=ids,
-        weights=weights,
-        scales=torch.rand(E, generator=g) + 0.5,
-        ranks=torch.tensor(case.ranks, dtype=torch.int32),
-        y=torch.randn(T, case.N, generator=g).to(dtype),
-    )
-    d["y"][(ids < 0).all(dim=1), ::2] = -0.0                       # y + 0.0 would flip these bits: untouched means it
-    d = {key: v.to(device) for key, v in d.items()}
-    d["meta"] = build_routing(d["weights"], d["ids"], E, 16)
+    """Random inputs of ``case`` (lora_cases.make, rows without an expert carry -0.0) and their routing meta."""
+    d = lora_cases.make(case, dtype, seed, device, signed_zero_rows=True)
+    d["meta"] = build_routing(d["weights"], d["ids"], case.E, 16)
     return d
 
 
