@@ -15,7 +15,15 @@ Subcommands:
   python lumoe_engine/run.py teach --out runs/teach [--data DIR] [--subset N] [--model DIR] [--load-in-4bit]
                                    [--preset tiny] [--cache DIR]
 
-Later subcommands (gate-eval, the default stream, submit, revoke) register beside ``teach`` in ``build_parser``.
+Removal requests from files, through a store (one folder: ledger/, bank/, gate/, store.json; docs/REQUESTS.md):
+
+  submit   validate request files and record them:  submit FILE... --store DIR  |  submit --watch FOLDER --store DIR
+  process  train, save and route every pending request of the store (one expert each; failed ones say why)
+  status   one line per request: id, state, content hash, expert in the bank, entry in the gate, reason
+  revoke   withdraw a request: revoke ID --store DIR (ledger, then gate entry, then expert) | revoke ID --out RUN_DIR
+  verify   check a store read-only (ledger, expert files, gate, agreement)
+
+Exit status: 0 on success, 2 when a file or request was refused (the store unchanged for it), 1 otherwise.
 """
 from __future__ import annotations
 
@@ -92,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teach(sub)
     _add_stream(sub)
     _add_gate_eval(sub)
+    _add_store_commands(sub)
     return parser
 
 
@@ -125,7 +134,178 @@ def _add_gate_eval(sub) -> None:
     p.set_defaults(func=evaluate.run)
 
 
-COMMANDS = ("teach", "stream", "gate-eval")
+# ------------------------------------------------------------------------------------------ requests and the store
+def _add_store_commands(sub) -> None:
+    p = sub.add_parser("submit", help="validate request files and record them in a store",
+                       description="Validate each request file (docs/REQUESTS.md) and record it in the store's "
+                                   "ledger (state 'received'); a refused file changes nothing. The store is "
+                                   "created on first use.")
+    p.add_argument("files", nargs="*", metavar="FILE", help="request files (JSON)")
+    p.add_argument("--store", required=True, help="store folder (created when missing)")
+    p.add_argument("--watch", metavar="FOLDER", default=None,
+                   help="submit every *.json of FOLDER, then poll it for new or changed files until interrupted")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between polls of --watch (default 5)")
+    p.add_argument("--once", action="store_true", help="with --watch: one pass, then exit")
+    p.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for another writer to release the ledger (default 0: fail at once)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("process", help="train, save and route every pending request of a store",
+                       description="For each pending request, in arrival order: one new LoRA expert on the frozen "
+                                   "base (training -> expert_saved), its gate head (gate_updated). A failing "
+                                   "request ends 'failed' with the reason; nothing of it stays in the bank or the "
+                                   "gate. Safe to run again after a crash.")
+    p.add_argument("--store", required=True)
+    p.add_argument("--model", default=None, help="HF LLaVA directory as the base (the first run fixes it; default "
+                                                 "the taught embedded default)")
+    p.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (with --model)")
+    p.add_argument("--teach", action="append", default=[], metavar="FIELD=VALUE",
+                   help="TeachConfig field of the embedded base, first run only (repeatable)")
+    p.add_argument("--cache", default=None, help="cache folder (default $LUMOE_CACHE or ~/.cache/lumoe-engine)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per expert (default store.json's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--retry-failed", action="store_true", help="train the failed requests again too")
+    p.add_argument("--only", action="append", default=[], metavar="ID", help="process only these requests")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.set_defaults(func=cmd_process)
+
+    p = sub.add_parser("status", help="one line per request of a store")
+    p.add_argument("--store", required=True)
+    p.add_argument("ids", nargs="*", help="only these requests")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("revoke", help="withdraw a request (store or stream run)",
+                       description="Record the revocation in the ledger, then remove the request's gate entry and "
+                                   "expert. Idempotent: revoking again finishes an interrupted removal.")
+    p.add_argument("id")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--store", default=None, help="a store folder")
+    g.add_argument("--out", default=None, help="a store folder, or a stream run's output folder (config.json)")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the ledger's writer lock")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("verify", help="check a store read-only")
+    p.add_argument("--store", required=True)
+    p.set_defaults(func=cmd_verify)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _store_errors():
+    from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
+    from lumoe_engine.model.bank import ExpertFileError
+    from lumoe_engine.service import StoreBusyError, StoreError
+
+    return (StoreError, StoreBusyError, LedgerLockedError, LedgerCorruptError, ExpertFileError)
+
+
+def cmd_submit(args) -> int:
+    from lumoe_engine import service
+
+    if not args.files and not args.watch:
+        return _fail("submit: give request files, or --watch FOLDER")
+    if args.once and not args.watch:
+        return _fail("submit: --once goes with --watch FOLDER")
+    if args.interval <= 0:
+        return _fail(f"--interval {args.interval}: expected seconds > 0")
+    try:
+        store = service.Store(args.store, create=True)
+        rc = 0
+        if args.files:
+            for r in service.submit_files(store, args.files, wait=args.wait):
+                print(r.message, file=sys.stdout if r.ok else sys.stderr)
+                rc = rc or (0 if r.ok else 2)
+        if args.watch:
+            rc = max(rc, 2 * service.watch(store, args.watch, interval=args.interval, once=args.once,
+                                           out=lambda m: print(m, flush=True)))
+        return rc
+    except _store_errors() as e:
+        return _fail(str(e))
+
+
+def cmd_process(args) -> int:
+    from lumoe_engine import service
+    from lumoe_engine.stream import _parse_overrides
+
+    try:
+        store = service.Store(args.store)
+        opts = service.ProcessOptions(model=args.model, load_in_4bit=args.load_in_4bit,
+                                      teach=_parse_overrides(args.teach), cache=args.cache, steps=args.steps,
+                                      lr=args.lr, rank=args.rank, alpha=args.alpha, batch_size=args.batch_size,
+                                      retry_failed=args.retry_failed, only=args.only, threads=args.threads,
+                                      progress=args.progress)
+        results = service.process(store, opts, out=lambda m: print(m, flush=True))
+    except service.UnknownRequestError as e:
+        return _fail(str(e))
+    except _store_errors() + (ValueError,) as e:  # (ValueError: a bad --steps / --lr ... or --teach value)
+        return _fail(str(e))
+    failed = [r for r, st in results.items() if st == "failed"]
+    print(f"processed {len(results)} request(s): {len(results) - len(failed)} routed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_status(args) -> int:
+    from lumoe_engine import service
+
+    try:
+        rows = service.status(service.Store(args.store))
+    except _store_errors() as e:
+        return _fail(str(e))
+    known = {r.id for r in rows}
+    missing = [i for i in args.ids if i not in known]
+    if missing:
+        return _fail(f"unknown request id {missing[0]!r}: the store {args.store} holds {len(rows)} requests")
+    for r in rows:
+        if not args.ids or r.id in args.ids:
+            print(r.line())
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    from lumoe_engine import service
+
+    target = Path(args.store or args.out)
+    try:
+        if args.out and not (target / service.STORE_JSON).is_file():
+            if (target / "config.json").is_file():
+                doc = service.revoke_run(target, args.id, args.reason) or {}
+                if doc.get("changed", True):
+                    print(f"{args.id}: revoked in the stream run {target} (expert removed: "
+                          f"{doc.get('removed_expert')}, gate entry removed: {doc.get('removed_gate_entry')})")
+                else:
+                    print(f"{args.id}: already revoked in the stream run {target}")
+                return 0
+            return _fail(f"--out {target}: neither a store ({service.STORE_JSON}) nor a stream run (config.json)")
+        service.revoke(service.Store(target), args.id, reason=args.reason, wait=args.wait)
+        return 0
+    except (service.UnknownRequestError, KeyError) as e:
+        return _fail(f"{e}; nothing was changed")
+    except _store_errors() as e:
+        return _fail(str(e))
+
+
+def cmd_verify(args) -> int:
+    from lumoe_engine import service
+
+    try:
+        problems = service.verify(service.Store(args.store))
+    except _store_errors() as e:
+        return _fail(str(e))
+    for p in problems:
+        print(f"problem: {p}")
+    print(f"store {args.store}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+COMMANDS = ("teach", "stream", "gate-eval", "submit", "process", "status", "revoke", "verify")
 
 
 def main(argv=None):
@@ -139,4 +319,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()
+    sys.exit(rc if isinstance(rc, int) else 0)
