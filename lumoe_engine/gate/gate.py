@@ -20,8 +20,19 @@ Routing ids index ``expert_ids`` (the order of addition; a removal moves later e
 A request that forgets several entities may get one sub-head per entity (``pos_groups``): its score is the maximum of
 its sub-heads', computed from the same stacked matmul.
 
+Similarity bound (``similarity``, on by default): a head separates its request from the queries it was shown, but a
+query about an entity it never saw can land on its positive side (on the taught embedded default: 70-90% of the
+queries about entities the gate never saw fired some head without it, with plain negatives). So each expert also
+keeps up to ``n_protos`` prototypes per positive group (the fitted positives that cover them best:
+``cover_prototypes``; unit vectors of ``z`` projected on its top ``bound_dim`` principal directions, a basis frozen
+with the standardiser), and a chosen expert is kept only if the query's cosine similarity to its nearest prototype
+reaches the expert's bound ``tau_e = min(similarity, the sim_quantile quantile of its held-out positives'
+similarities)`` (an expert whose queries are spread out gets a looser bound). ``route`` checks the bound only for the
+top-k experts the heads chose (a gather of k * P_max prototypes per query: the cost does not grow with E); a vetoed
+choice becomes -1 (the next expert is not tried). Adding an expert appends its prototypes; revoking removes them.
+
 Letters: B queries, D feature width (``dim``), F head input width (D or 2 D), E experts, H stacked sub-heads (>= E),
-k top-k, P positives, Q negatives.
+k top-k, P positives (P_max: most prototypes of one expert), Q negatives.
 """
 from __future__ import annotations
 
@@ -42,7 +53,7 @@ from lumoe_engine.gate import features as _features
 from lumoe_engine.model.bank import UnknownExpertError, atomic_write_bytes, validate_expert_id
 
 GATE_FORMAT = "lumoe-gate"
-GATE_FORMAT_VERSION = 1
+GATE_FORMAT_VERSION = 2  # 2: prototypes + similarity bounds; version 1 files load without bounds
 GATE_JSON = "gate.json"
 
 
@@ -53,9 +64,11 @@ class HeadReport:
     threshold: the threshold of the uncalibrated logit, folded into the bias; fpr_cal / tpr_cal: the share of the
     held-out calibration negatives / positives that fire at it (tpr_cal None without held-out positives);
     fpr_fit / tpr_fit: the same on the rows the head was fitted on; neg_bound: the lowest threshold meeting
-    ``target_fpr`` on the calibration negatives; pos_min: the lowest calibration positive logit (None without). threshold, neg_bound and
+    ``target_fpr`` on the calibration negatives; pos_min: the lowest calibration positive logit (None without).
+    threshold, neg_bound and
     pos_min are those of the first sub-head; ``sub_heads`` lists every sub-head's (one per positive group); the rates
-    are the expert's (any sub-head firing).
+    are the expert's (any sub-head firing). n_protos / sim_bound: the similarity bound (module docstring);
+    fpr_cal_bounded / tpr_cal_bounded: the calibration rates when the bound must hold too.
     """
 
     expert_id: str
@@ -74,6 +87,10 @@ class HeadReport:
     seconds: float
     n_heads: int = 1
     sub_heads: list = field(default_factory=list)
+    n_protos: int = 0                     # prototypes kept for the similarity bound (0: no bound)
+    sim_bound: Optional[float] = None     # tau_e: the cosine bound of the expert (None: no bound)
+    fpr_cal_bounded: Optional[float] = None  # fpr_cal / tpr_cal with the similarity bound applied as well
+    tpr_cal_bounded: Optional[float] = None
 
 
 def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
@@ -203,6 +220,23 @@ def calibrate_threshold(neg_logits: torch.Tensor, pos_logits: Optional[torch.Ten
     return t32, neg_bound, pos_min
 
 
+def cover_prototypes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Up to ``k`` rows of the unit rows ``x`` chosen to cover them all (greedy farthest-first / k-center in cosine:
+    start from the row most similar to the mean direction, then repeatedly add the row least similar to every row
+    chosen so far), so that the worst-covered row is as close to a prototype as the greedy rule gets; all rows when
+    ``len(x) <= k``. Deterministic. x: [P, D] unit rows -> [min(k, P), D]."""
+    if len(x) <= k:
+        return x.clone()
+    first = int((x @ torch.nn.functional.normalize(x.mean(0), dim=0)).argmax())
+    chosen = [first]
+    best = x @ x[first]                       # [P] similarity of each row to its nearest chosen row
+    for _ in range(k - 1):
+        j = int(best.argmin())
+        chosen.append(j)
+        best = torch.maximum(best, x @ x[j])
+    return x[chosen].clone()
+
+
 HEADS = ("linear", "quadratic")
 
 
@@ -216,6 +250,10 @@ class Gate:
     target_fpr: calibration target on the held-out negatives of each head
     calib_share: share of each request's negatives (and positives) held out of the fit for calibration
     l2: L2 weight of the logistic fit (on standardised inputs); seed: the calibration splits
+    similarity: the cosine bound of the similarity check (module docstring; None = no bound); n_protos: prototypes kept
+        per positive group; sim_quantile: the held-out positives' quantile that may lower an expert's bound (None:
+        the bound is ``similarity`` for every expert); bound_dim: the bound compares queries in the top ``bound_dim``
+        principal directions of the standardised features (fitted with the standardiser; None: all D)
 
     An expert has one head, or one sub-head per group of its positives (``add_expert(pos_groups=...)``); its score
     is the maximum of its sub-heads' calibrated logits. Sub-heads are stacked rows like heads (``owner`` maps rows to
@@ -223,7 +261,9 @@ class Gate:
     """
 
     def __init__(self, layer: int, dim: int, pooling: str = "mean", head: str = "linear", target_fpr: float = 0.001,
-                 calib_share: float = 0.25, l2: float = 1e-3, seed: int = 0, max_iter: int = 200):
+                 calib_share: float = 0.25, l2: float = 1e-3, seed: int = 0, max_iter: int = 200,
+                 similarity: Optional[float] = 0.9, n_protos: int = 64, sim_quantile: Optional[float] = 0.02,
+                 bound_dim: Optional[int] = 128):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -238,12 +278,25 @@ class Gate:
             raise ValueError(f"calib_share={calib_share!r}: expected a share in [0, 1), e.g. 0.25")
         if not float(l2) >= 0.0:
             raise ValueError(f"l2={l2!r}: expected >= 0")
+        if similarity is not None and not -1.0 <= float(similarity) <= 1.0:
+            raise ValueError(f"similarity={similarity!r}: expected a cosine in [-1, 1] (e.g. 0.9) or None (no bound)")
+        if isinstance(n_protos, bool) or not isinstance(n_protos, int) or n_protos < 1:
+            raise ValueError(f"n_protos={n_protos!r}: expected an int >= 1 (prototypes per positive group)")
         self.layer, self.dim, self.pooling, self.head = layer, dim, pooling, head
         self.target_fpr, self.calib_share, self.l2 = float(target_fpr), float(calib_share), float(l2)
         self.seed, self.max_iter = int(seed), int(max_iter)
+        self.similarity = None if similarity is None else float(similarity)
+        self.n_protos = int(n_protos)
+        if sim_quantile is not None and not 0.0 <= float(sim_quantile) <= 1.0:
+            raise ValueError(f"sim_quantile={sim_quantile!r}: expected a quantile in [0, 1] or None")
+        self.sim_quantile = None if sim_quantile is None else float(sim_quantile)
+        if bound_dim is not None and (isinstance(bound_dim, bool) or not isinstance(bound_dim, int) or bound_dim < 1):
+            raise ValueError(f"bound_dim={bound_dim!r}: expected an int >= 1 or None (no projection)")
+        self.bound_dim = bound_dim
         self.expert_ids: list[str] = []
         self.reports: dict[str, HeadReport] = {}
         self.mean: Optional[torch.Tensor] = None  # [D] gate-wide feature standardiser (frozen once set)
+        self.basis: Optional[torch.Tensor] = None  # [D, D_b] principal directions of z for the similarity bound
         self.std: Optional[torch.Tensor] = None   # [D]
         F = self.head_dim
         # stacked sub-heads, H rows in use ([:H]); the rows of one expert are contiguous, experts in routing order
@@ -253,6 +306,11 @@ class Gate:
         self._owner = torch.zeros(0, dtype=torch.long)  # [capacity] expert index of each row
         self._n_rows = 0
         self._heads: list[int] = []     # sub-heads per expert
+        # similarity bound: unit prototypes of every expert, contiguous in routing order
+        self._P = torch.zeros(0, dim)   # [capacity, D_b]
+        self._pcount: list[int] = []    # prototypes per expert (0: no bound for it)
+        self._tau: list[float] = []     # cosine bound per expert
+        self._bound_cache = None        # (start [E], count [E], tau [E]) tensors, rebuilt after changes
 
     # ------------------------------------------------------------------------------------------------ state
     def __len__(self) -> int:
@@ -336,6 +394,7 @@ class Gate:
         if len(x) < 2:
             raise ValueError(f"features: {len(x)} row; the standardiser needs at least 2")
         self.mean, self.std = (v.to(self._W.device) for v in self._standardizer(x))
+        self.basis = self._basis(x)
 
     def phi(self, features: torch.Tensor) -> torch.Tensor:
         """The heads' input: ``z = (x - mean) / std``, and ``[z, z * z]`` for quadratic heads. [B, D] -> [B, F]."""
@@ -379,6 +438,7 @@ class Gate:
         if self.mean is None:
             standardizer = self._standardizer(torch.cat([pos, neg]))
             self.mean, self.std = (v.to(self._W.device) for v in standardizer)
+            self.basis = self._basis(torch.cat([pos, neg]))
         try:
             p_pos, p_neg = self.phi(pos), self.phi(neg)
             gen = torch.Generator().manual_seed(_stable_seed(self.seed, expert_id))
@@ -396,15 +456,19 @@ class Gate:
                                                             cal_pos @ w + c if cal_pos is not None else None, target)
                 heads.append((w, c, t))
                 subs.append({"n_pos": len(rows), "threshold": t, "neg_bound": neg_bound, "pos_min": pos_min})
+            protos, tau, sim = self._fit_bound(pos, pos_fit_all, pos_cal_all, expert_id)
         except BaseException:
             if standardizer is not None:
-                self.mean = self.std = None
+                self.mean = self.std = self.basis = None
             raise
 
-        def fires(x):  # the expert fires where any sub-head reaches its threshold
+        def fires(x, raw=None):  # the expert fires where any sub-head reaches its threshold (and, with raw, the bound)
             if not len(x):
                 return float("nan")
-            return float(torch.stack([x @ w + c >= t for w, c, t in heads]).any(0).float().mean())
+            f = torch.stack([x @ w + c >= t for w, c, t in heads]).any(0)
+            if raw is not None and protos is not None:
+                f &= sim(raw) >= tau
+            return float(f.float().mean())
 
         pos_fit_rows, pos_cal_rows = torch.cat(pos_fit_all), torch.cat(pos_cal_all)
         report = HeadReport(expert_id=expert_id, n_pos=len(pos), n_neg=len(neg), n_pos_cal=len(pos_cal_rows),
@@ -413,7 +477,11 @@ class Gate:
                             tpr_cal=fires(p_pos[pos_cal_rows]) if len(pos_cal_rows) else None,
                             fpr_fit=fires(p_neg[neg_fit]), tpr_fit=fires(p_pos[pos_fit_rows]),
                             target_fpr=self.target_fpr, seconds=round(time.perf_counter() - t0, 4),
-                            n_heads=len(heads), sub_heads=subs)
+                            n_heads=len(heads), sub_heads=subs, n_protos=0 if protos is None else len(protos),
+                            sim_bound=None if protos is None else tau,
+                            fpr_cal_bounded=fires(cal_neg, neg[neg_cal] if len(neg_cal) else neg[neg_fit]),
+                            tpr_cal_bounded=fires(p_pos[pos_cal_rows], pos[pos_cal_rows]) if len(pos_cal_rows)
+                            else None)
         # commit (nothing above touched the heads)
         E, H = len(self.expert_ids), self._n_rows
         self._grow(H + len(heads))
@@ -424,16 +492,121 @@ class Gate:
             self._thr[H + j] = t
             self._owner[H + j] = E
         self._n_rows = H + len(heads)
+        self._append_protos(protos, tau)
         self.expert_ids.append(expert_id)
         self._heads.append(len(heads))
         self.reports[expert_id] = report
         return report
 
+    # ------------------------------------------------------------------------------------------ similarity bound
+    def _basis(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The top ``bound_dim`` principal directions of the standardised ``x`` [N, D] (None: no projection, when
+        bound_dim is None or >= min(N, D)), frozen with the standardiser."""
+        if self.bound_dim is None or self.bound_dim >= min(x.shape[0], self.dim):
+            return None
+        z = (x.double().cpu() - self.mean.double().cpu()) / self.std.double().cpu()
+        z = z - z.mean(0)
+        _, vecs = torch.linalg.eigh(z.t() @ z)
+        return vecs[:, -self.bound_dim:].flip(1).float().contiguous().to(self._W.device)
+
+    @property
+    def bound_width(self) -> int:
+        """D_b: the width of the similarity bound's space (``bound_dim`` once a basis is set, else D)."""
+        return self.dim if self.basis is None else self.basis.shape[1]
+
+    def _unit_z(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit rows of the standardised features ``z`` (projected on ``basis`` when set): [B, D] -> [B, D_b]."""
+        mean, std = self.mean, self.std
+        if mean.device != x.device:
+            mean, std = mean.to(x.device), std.to(x.device)
+        z = (x.float() - mean) / std
+        if self.basis is not None:
+            z = z @ (self.basis if self.basis.device == x.device else self.basis.to(x.device))
+        return torch.nn.functional.normalize(z, dim=1)
+
+    def _fit_bound(self, pos: torch.Tensor, fit_rows: list, cal_rows: list, expert_id: str):
+        """Prototypes (``cover_prototypes`` of each group's fitted positives) and the cosine bound of a new expert:
+        (protos [P, D] or None, tau, sim(x) -> [n] nearest-prototype cosine). tau = min(similarity, the
+        ``sim_quantile`` quantile of the held-out positives' similarities); without held-out positives (or with
+        sim_quantile None), tau = similarity."""
+        if self.similarity is None:
+            return None, None, None
+        u = self._unit_z(pos)
+        protos = torch.cat([cover_prototypes(u[rows], self.n_protos) for rows in fit_rows])
+
+        def sim(x):
+            return (self._unit_z(x) @ protos.t()).amax(1)
+
+        cal = torch.cat(cal_rows)
+        tau = self.similarity
+        if len(cal) and self.sim_quantile is not None:
+            tau = min(tau, float(torch.quantile(sim(pos[cal]).double(), self.sim_quantile)))
+        return protos, float(tau), sim
+
+    def _append_protos(self, protos: Optional[torch.Tensor], tau: Optional[float]) -> None:
+        n0 = sum(self._pcount)
+        n = 0 if protos is None else len(protos)
+        if n0 + n > self._P.shape[0] or self._P.shape[1] != self.bound_width:
+            P = torch.zeros(max(n0 + n, 2 * self._P.shape[0], 64), self.bound_width, device=self._P.device)
+            if n0:
+                P[:n0] = self._P[:n0]
+            self._P = P
+        if n:
+            self._P[n0:n0 + n] = protos.to(self._P.device, torch.float32)
+        self._pcount.append(n)
+        self._tau.append(-2.0 if tau is None else float(tau))
+        self._bound_cache = None
+
+    def _bounds(self, device):
+        """(start [E], count [E], tau [E], P_max) of the prototypes, cached until the experts change."""
+        c = self._bound_cache
+        if c is None or c[0].device != torch.device(device):
+            counts = torch.tensor(self._pcount, dtype=torch.long)
+            start = torch.cumsum(counts, 0) - counts
+            c = (start.to(device), counts.to(device), torch.tensor(self._tau, dtype=torch.float32).to(device),
+                 max(self._pcount, default=0))
+            self._bound_cache = c
+        return c
+
+    @property
+    def prototypes(self) -> list:
+        """Per expert, its unit prototypes [P_e, D] (P_e = 0: no similarity bound); views."""
+        out, n = [], 0
+        for c in self._pcount:
+            out.append(self._P[n:n + c])
+            n += c
+        return out
+
+    @property
+    def sim_bounds(self) -> torch.Tensor:
+        """[E] fp32 cosine bound of each expert (-2: none)."""
+        return torch.tensor(self._tau, dtype=torch.float32)
+
+    def similarity_to(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each query to each expert's nearest prototype (unit ``z``); +inf for an expert
+        without prototypes. Every expert, so O(B * all prototypes): for analysis, not the routing path.
+        features: [B, D]        returns [B, E] fp32"""
+        x = _check_features(features, self.dim, "features", allow_empty=True, finite=False)
+        E = len(self.expert_ids)
+        out = torch.full((x.shape[0], E), float("inf"), device=x.device)
+        if not E or not x.shape[0] or not sum(self._pcount):
+            return out
+        start, counts, _, _ = self._bounds(x.device)
+        n = sum(self._pcount)
+        s = self._unit_z(x) @ self._P[:n].to(x.device).t()  # [B, n]
+        owner = torch.repeat_interleave(torch.arange(E, device=x.device), counts).expand(x.shape[0], -1)
+        best = torch.full((x.shape[0], E), float("-inf"), device=x.device).scatter_reduce_(1, owner, s, "amax")
+        return torch.where(counts.unsqueeze(0) > 0, best, out)
+
     def set_stacked(self, expert_ids: Sequence[str], weight: torch.Tensor, bias: torch.Tensor,
-                    thresholds: Optional[torch.Tensor] = None, heads: Optional[Sequence[int]] = None) -> None:
+                    thresholds: Optional[torch.Tensor] = None, heads: Optional[Sequence[int]] = None,
+                    protos: Optional[torch.Tensor] = None, proto_counts: Optional[Sequence[int]] = None,
+                    sim_bounds: Optional[torch.Tensor] = None) -> None:
         """Install precomputed stacked heads, replacing all (loading, benchmarks): ``weight`` [H, F], ``bias`` [H]
-        (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each).
-        Needs the standardiser (``fit_standardizer``) first."""
+        (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each);
+        similarity bounds: ``protos`` [sum(proto_counts), D] unit prototypes, ``proto_counts`` per expert (0: no
+        bound), ``sim_bounds`` [E] (default: no bound for any expert). Needs the standardiser (``fit_standardizer``)
+        first."""
         heads = [1] * len(expert_ids) if heads is None else [int(h) for h in heads]
         H = sum(heads)
         if self.mean is None:
@@ -447,6 +620,15 @@ class Gate:
             validate_expert_id(eid)
         if len(set(expert_ids)) != len(expert_ids):
             raise ValueError("expert_ids: duplicate ids")
+        counts = [0] * len(expert_ids) if protos is None else [int(c) for c in (proto_counts or [])]
+        if protos is not None:
+            if len(counts) != len(expert_ids) or min(counts, default=0) < 0:
+                raise ValueError(f"proto_counts: expected a count >= 0 for each of the {len(expert_ids)} experts")
+            if tuple(protos.shape) != (sum(counts), self.bound_width):
+                raise ValueError(f"protos {tuple(protos.shape)}: expected [{sum(counts)}, {self.bound_width}] "
+                                 "(sum of proto_counts, the bound's width: bound_dim once a basis is set, else dim)")
+            if sim_bounds is None or tuple(sim_bounds.shape) != (len(expert_ids),):
+                raise ValueError(f"sim_bounds: expected [{len(expert_ids)}] with protos")
         self._n_rows, self._heads, self.expert_ids, self.reports = 0, [], [], {}
         self._grow(H)
         dev = self._W.device
@@ -455,14 +637,23 @@ class Gate:
         self._owner[:H] = torch.repeat_interleave(torch.arange(len(heads), device=dev),
                                                   torch.tensor(heads, dtype=torch.long, device=dev))
         self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
+        self._P, self._pcount, self._tau, self._bound_cache = torch.zeros(0, self.bound_width, device=dev), [], [], None
+        n = 0
+        for e, c in enumerate(counts):
+            self._append_protos(protos[n:n + c] if c else None,
+                                float(sim_bounds[e]) if c and sim_bounds is not None else None)
+            n += c
 
     def to(self, device) -> "Gate":
         """Move the stacked heads and the standardiser to ``device`` (e.g. the model's GPU) and return the gate;
         routing features on another device moves them on every call."""
         self._W, self._b, self._thr = self._W.to(device), self._b.to(device), self._thr.to(device)
         self._owner = self._owner.to(device)
+        self._P, self._bound_cache = self._P.to(device), None
         if self.mean is not None:
             self.mean, self.std = self.mean.to(device), self.std.to(device)
+        if self.basis is not None:
+            self.basis = self.basis.to(device)
         return self
 
     def remove_expert(self, expert_id: str) -> None:
@@ -475,6 +666,13 @@ class Gate:
             buf[H - n:H] = 0
         self._owner[start:H - n] -= (self._owner[start:H - n] > e).long()
         self._n_rows = H - n
+        p0, pc, pn = sum(self._pcount[:e]), self._pcount[e], sum(self._pcount)
+        if pc:
+            self._P[p0:pn - pc] = self._P[p0 + pc:pn].clone()
+            self._P[pn - pc:pn] = 0
+        del self._pcount[e]
+        del self._tau[e]
+        self._bound_cache = None
         del self.expert_ids[e]
         del self._heads[e]
         self.reports.pop(expert_id, None)
@@ -486,8 +684,8 @@ class Gate:
         return _features.pool(hidden, attention_mask, self.pooling)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits: ``phi(z) @ W^T + b`` (the maximum over an expert's sub-heads); expert e fires for query
-        b where ``scores[b, e] >= 0``.
+        """Calibrated logits: ``phi(z) @ W^T + b`` (the maximum over an expert's sub-heads); expert e's head fires for
+        query b where ``scores[b, e] >= 0`` (routing also needs ``similarity_to(x)[b, e] >= sim_bounds[e]``).
 
         features: [B, D] float       returns [B, E] fp32 (on the features' device)
         """
@@ -510,7 +708,8 @@ class Gate:
         """The experts each query goes to: the ``top_k`` highest calibrated logits that fire, else -1.
 
         ``ops.topk_routing(scores, top_k, scoring="sigmoid", threshold=0.5)``; with ``renormalize`` (default) the
-        surviving weights of a row sum to 1 (top_k = 1: weight 1 for a routed query, 0 for none).
+        surviving weights of a row sum to 1 (top_k = 1: weight 1 for a routed query, 0 for none). Then the
+        similarity bound of each chosen expert must hold, else that choice becomes -1 (module docstring).
         With no expert in the gate every query gets -1.
         features: [B, D]        returns weights [B, top_k] fp32, ids [B, top_k] int32 (-1 = no expert)
         """
@@ -523,10 +722,34 @@ class Gate:
                     torch.full((B, top_k), -1, dtype=torch.int32, device=s.device))
         k = min(top_k, E)
         weights, ids = ops.topk_routing(s, k, renormalize=renormalize, threshold=0.5, scoring="sigmoid")
+        if self._pcount and max(self._pcount) > 0:
+            weights, ids = self._veto(features, weights, ids, renormalize)
         if k < top_k:  # fewer experts than slots: the missing slots are "no expert"
             pad = top_k - k
             weights = torch.cat([weights, weights.new_zeros(B, pad)], 1)
             ids = torch.cat([ids, ids.new_full((B, pad), -1)], 1)
+        return weights, ids
+
+    def _veto(self, features: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, renormalize: bool):
+        """The similarity bound on the chosen experts only: a choice whose nearest prototype is under its expert's
+        bound becomes -1 (weight 0); surviving weights are renormalised again with ``renormalize``.
+        features: [B, D], weights / ids: [B, k]        returns weights [B, k] fp32, ids [B, k] int32"""
+        start, counts, tau, pmax = self._bounds(ids.device)
+        P = self._P if self._P.device == ids.device else self._P.to(ids.device)
+        e = ids.long().clamp_min(0)                                   # [B, k]
+        j = torch.arange(pmax, device=ids.device)
+        idx = start[e].unsqueeze(-1) + j                              # [B, k, P_max]
+        valid = j < counts[e].unsqueeze(-1)
+        idx = torch.where(valid, idx, start[e].unsqueeze(-1)).clamp_max(max(P.shape[0] - 1, 0))
+        u = self._unit_z(features.to(ids.device))                     # [B, D]
+        G = P.index_select(0, idx.reshape(-1)).view(*idx.shape, P.shape[1])  # [B, k, P_max, D_b]
+        # a broadcast multiply-sum: bmm / einsum with one column is several times slower on CPU
+        sims = (G * u[:, None, None, :]).sum(-1).masked_fill(~valid, float("-inf")).amax(-1)  # [B, k]
+        keep = (ids >= 0) & ((sims >= tau[e]) | (counts[e] == 0))
+        weights = torch.where(keep, weights, torch.zeros_like(weights))
+        ids = torch.where(keep, ids, torch.full_like(ids, -1))
+        if renormalize and ids.shape[1] > 1:
+            weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-30)
         return weights, ids
 
     def route_ids(self, features: torch.Tensor) -> list[Optional[str]]:
@@ -538,7 +761,8 @@ class Gate:
     def config(self) -> dict:
         return {"layer": self.layer, "dim": self.dim, "pooling": self.pooling, "head": self.head,
                 "target_fpr": self.target_fpr, "calib_share": self.calib_share, "l2": self.l2, "seed": self.seed,
-                "max_iter": self.max_iter}
+                "max_iter": self.max_iter, "similarity": self.similarity, "n_protos": self.n_protos,
+                "sim_quantile": self.sim_quantile, "bound_dim": self.bound_dim}
 
     def save(self, path) -> Path:
         """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
@@ -554,12 +778,17 @@ class Gate:
                    "threshold": self.thresholds.detach().cpu().contiguous().clone()}
         if self.mean is not None:
             tensors.update(mean=self.mean.detach().cpu().clone(), std=self.std.detach().cpu().clone())
+        if self.basis is not None:
+            tensors["basis"] = self.basis.detach().cpu().contiguous().clone()
+        tensors.update(protos=self._P[:sum(self._pcount)].detach().cpu().contiguous().clone(),
+                       sim_bounds=self.sim_bounds.contiguous())
         data = _st_save(tensors)
         sha = hashlib.sha256(data).hexdigest()
         name = f"gate-{sha[:16]}.safetensors"
         atomic_write_bytes(folder / name, data)
         meta = {"format": GATE_FORMAT, "version": GATE_FORMAT_VERSION, "config": self.config(),
-                "expert_ids": list(self.expert_ids), "heads": list(self._heads), "tensors": name, "sha256": sha,
+                "expert_ids": list(self.expert_ids), "heads": list(self._heads), "proto_counts": list(self._pcount),
+                "tensors": name, "sha256": sha,
                 "reports": {k: asdict(v) for k, v in self.reports.items()}}
         atomic_write_bytes(folder / GATE_JSON, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         for old in folder.glob("gate-*.safetensors"):
@@ -583,7 +812,7 @@ class Gate:
             meta = json.loads(jpath.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{jpath}: not valid JSON ({exc})") from None
-        if meta.get("format") != GATE_FORMAT or meta.get("version") != GATE_FORMAT_VERSION:
+        if meta.get("format") != GATE_FORMAT or meta.get("version") not in (1, GATE_FORMAT_VERSION):
             raise ValueError(f"{jpath}: format {meta.get('format')!r} v{meta.get('version')!r}, expected "
                              f"{GATE_FORMAT!r} v{GATE_FORMAT_VERSION}")
         tpath = folder / meta["tensors"]
@@ -593,7 +822,11 @@ class Gate:
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError(f"{tpath}: sha256 does not match {jpath}; the file is corrupt")
         t = _st_load(data)
-        gate = cls(**meta["config"])
+        config = dict(meta["config"])
+        if meta.get("version") == 1:
+            config.setdefault("similarity", None)  # version 1 gates had no similarity bound
+            config.setdefault("bound_dim", None)
+        gate = cls(**config)
         ids = list(meta["expert_ids"])
         heads = [int(h) for h in meta.get("heads", [1] * len(ids))]
         E, H = len(ids), sum(heads)
@@ -606,13 +839,26 @@ class Gate:
             if tuple(t["mean"].shape) != (gate.dim,) or tuple(t["std"].shape) != (gate.dim,):
                 raise ValueError(f"{tpath}: mean/std shapes {tuple(t['mean'].shape)} do not match dim {gate.dim}")
             gate.mean, gate.std = t["mean"], t["std"]
+            if "basis" in t:
+                if t["basis"].dim() != 2 or t["basis"].shape[0] != gate.dim:
+                    raise ValueError(f"{tpath}: basis {tuple(t['basis'].shape)} does not match dim {gate.dim}")
+                gate.basis = t["basis"]
         elif E:
             raise ValueError(f"{tpath}: {E} experts but no standardiser (mean/std); the file is incomplete")
+        counts = [int(c) for c in meta.get("proto_counts", [0] * E)]
+        protos = t.get("protos")
+        if len(counts) != E or (protos is None and sum(counts)) or \
+                (protos is not None and tuple(protos.shape) != (sum(counts), gate.bound_width)) or \
+                ("sim_bounds" in t and tuple(t["sim_bounds"].shape) != (E,)):
+            raise ValueError(f"{tpath}: prototypes {None if protos is None else tuple(protos.shape)} / sim_bounds do "
+                             f"not match proto_counts {counts} of {jpath}")
         if E:
-            gate.set_stacked(ids, t["weight"], t["bias"], t["threshold"], heads)
+            gate.set_stacked(ids, t["weight"], t["bias"], t["threshold"], heads,
+                             protos=protos if protos is not None else None,
+                             proto_counts=counts if protos is not None else None, sim_bounds=t.get("sim_bounds"))
         gate.reports = {k: HeadReport(**v) for k, v in meta.get("reports", {}).items()}
         return gate
 
     def __repr__(self) -> str:
         return (f"Gate(layer={self.layer}, dim={self.dim}, pooling={self.pooling!r}, head={self.head!r}, "
-                f"experts={len(self)}, target_fpr={self.target_fpr})")
+                f"experts={len(self)}, target_fpr={self.target_fpr}, similarity={self.similarity})")
