@@ -17,12 +17,31 @@ Top to bottom, as ``run_stream`` does it:
 4. the baselines (``--compare``, or ``--method ga|gd|kl|npo|idk|idk-po``): each on a fresh copy of the taught base,
    one shared LoRA merged after every request (``baselines.SequentialBaseline``), same step budget, same evaluation;
 5. outputs in ``--out``: metrics.jsonl (rows, appended per step), summary.json (``methods.<m>.final...``), report.md,
-   PNG plots, config.json (the resolved config and seeds), bank/ and gate/ (LUMoE's experts and gate state).
+   PNG plots, config.json (the resolved config and seeds), bank/ and gate/ (LUMoE's experts and gate state),
+   ledger/ (every request and its state changes), steps/ (the raw results of every evaluated step).
 
-A bad request (empty forget set, unknown entity, an image that will not open, a loss that turns nan/inf) fails alone:
-a clear error, nothing written to the bank or the gate for it, a ``"set": "failure"`` row in metrics.jsonl, a line in
-summary.json's ``failures`` and in report.md; the stream goes on with the next request (the failed request is still
-measured: its forget queries were not forgotten).
+A bad request (empty forget set, unknown entity, an image that will not open, a loss that turns nan/inf, an expert
+that collapsed: ``collapse_check``) fails alone: a clear error, nothing written to the bank or the gate for it, a
+``"set": "failure"`` row in metrics.jsonl, a line in summary.json's ``failures`` and in report.md, ledger state
+"failed" with the reason; the stream goes on with the next request (the failed request is still measured: its forget
+queries were not forgotten).
+
+Reliability (LUMoE). Every request of the stream is received into the ledger ``out/ledger`` first (``intake``
+``spec_from_records``: validated, content-hashed, its images stored content-addressed; a request the intake refuses
+never enters the ledger and fails as above), then advanced step by step: "training" -> "expert_saved" (after
+``bank.add``) -> "gate_updated" (after ``gate.save``) -> "evaluated" (after its metrics rows are appended and
+fsynced), or "failed". Each evaluated step also leaves ``out/steps/<method>/NNNN.json`` (answers, routing, cost,
+failure; atomic). ``--resume`` (same config: ``check_resumable``) replays those records through the evaluator
+(metrics.jsonl is rewritten from them: rows of a step without a record are dropped and redone), makes the bank and
+gate agree with the ledger (``_cleanup_bank_and_gate``: revoked requests lose expert and gate entry, an expert whose
+request is not past "training" is removed and trained again), then continues each request from its state: an expert
+already saved is not trained again, a gate head already saved is not fitted again. Everything is seeded (training
+per request id, gate heads per expert id, evaluation samples per request id, gate features computed in the same
+batches as an uninterrupted run), so a killed and resumed run ends with the same experts (tensors bit-equal) and
+the same summary.json apart from ``TIMING_KEYS`` / ``RUN_KEYS`` (``comparable_summary``). An unfinished baseline
+(``--compare``) is rerun from its first request (its shared LoRA is merged into the model: nothing to resume from),
+as is every method after an unfinished one; finished ones are replayed. ``revoke(out, id, reason)`` withdraws a request: ledger first, then expert and gate entry,
+then a new evaluation of every request so far (rows labelled ``after revoking <id>``), summary.json and report.md.
 
 Letters: N evaluation queries, D gate feature width.
 """
@@ -36,6 +55,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 import time
@@ -50,7 +70,8 @@ from lumoe_engine.data.streams import Request, build_stream
 from lumoe_engine.eval.metrics import DEFAULT_MAX_PER_SET, MetricsWriter, StreamEvaluator, atomic_write_text, jsonable
 from lumoe_engine.unlearn.baselines import BASELINES, SequentialBaseline, baseline_loss
 from lumoe_engine.unlearn.losses import LOSSES, LossConfig, NonFiniteLossError
-from lumoe_engine.unlearn.trainer import (RequestError, TrainConfig, barrier, init_distributed, train_expert)
+from lumoe_engine.unlearn.trainer import (RequestError, TrainConfig, barrier, dist_info, init_distributed,
+                                          train_expert)
 
 logger = logging.getLogger("lumoe_engine.stream")
 
@@ -84,6 +105,7 @@ class StreamConfig:
         start), "seen" = only those of the requests arrived so far. Never-requested entities are never seen.
     threads: torch intra-op threads (None = torch's default; 1 is much faster on a machine shared by several jobs).
     teach_overrides: TeachConfig fields (tests: a short teaching budget).
+    resume: continue the run in ``out`` (``check_resumable``: same config but ``RESUME_IGNORED``).
     """
 
     stream: str = "abcd"
@@ -120,6 +142,7 @@ class StreamConfig:
     threads: Optional[int] = None
     teach_overrides: dict = field(default_factory=dict)
     progress: bool = True
+    resume: bool = False
 
     def validate(self) -> "StreamConfig":
         if self.method not in METHODS:
@@ -173,15 +196,20 @@ class StreamConfig:
 def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmark], list]] = None) -> dict:
     """Run the stream of ``cfg`` (module docstring); returns the summary document (summary.json's content; {} on
     ranks other than 0). edit_stream: (requests, benchmark) -> requests, applied after ``build_stream`` (tests inject
-    bad requests with it)."""
+    bad requests with it). With ``cfg.resume`` the run in ``cfg.out`` is continued (``ResumeError`` when there is
+    none, or when it was started with another config)."""
     cfg.validate()
     t_start = time.time()
     rank, world = init_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    if rank == 0:
+    if cfg.resume:
+        check_resumable(out, cfg)  # every rank: nothing heavy happens before a refusal
+    elif rank == 0:
         _fresh_out(out)
+        atomic_write_text(out / "config.json", json.dumps(jsonable({"config": cfg.to_dict(), "started": True}),
+                                                          indent=1) + "\n")
     torch.manual_seed(cfg.seed)
 
     # 1. the taught base (rank 0 teaches first; the others load the cached result)
@@ -201,34 +229,41 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
         t0 = time.time()
         evaluator.set_base(_base_predictions(model, processor, evaluator.queries(), max_new, cfg, teach_summary))
         eval_info["base_predictions_s"] = round(time.time() - t0, 2)
-        writer = MetricsWriter(out)
+        eval_info["never_requested_entities"] = len(evaluator.unrequested_entities)
+        writer = MetricsWriter(out, resume=cfg.resume)
     config_doc = _config_doc(cfg, teach_summary, bench, requests, max_new, world, eval_info)
     if rank == 0:
         atomic_write_text(out / "config.json", json.dumps(jsonable(config_doc), indent=1) + "\n")
 
-    # 3.-4. the methods, each from the same taught base
+    # 3.-4. the methods, each from the same taught base; a resumed run first replays the steps already evaluated
+    methods = cfg.methods()
+    done = _replay(out, methods, requests, evaluator, writer) if rank == 0 else {}
+    if world > 1:
+        done = _broadcast(done)
     failures: dict[str, list] = {}
     extra: dict[str, dict] = {}
-    methods = cfg.methods()
     for i, method in enumerate(methods):
-        m_model = model if i == len(methods) - 1 else copy.deepcopy(model)  # LUMoE never edits the base
-        runner = _run_lumoe if method == "lumoe" else _run_baseline
-        failures[method], extra[method] = runner(method, m_model, processor, bench, requests, evaluator, writer,
-                                                 cfg, out, rank, max_new)
+        state = done.get(method) or _MethodState()
+        if method != "lumoe" and 0 < len(state.records) < len(requests):
+            # an unfinished baseline is rerun from its first request (its shared LoRA is merged into the model
+            # after every request: nothing to resume from); it is deterministic, so it ends where it would have
+            logger.info("%s: unfinished (%d of %d requests); rerun from the start", method, len(state.records),
+                        len(requests))
+            state = _MethodState()
+        if len(state.records) < len(requests) or method == "lumoe":
+            m_model = model if i == len(methods) - 1 else copy.deepcopy(model)  # LUMoE never edits the base
+            runner = _run_lumoe if method == "lumoe" else _run_baseline
+            extra[method] = runner(method, m_model, processor, bench, requests, evaluator, writer, cfg, out, rank,
+                                   max_new, state)
+        else:
+            extra[method] = _method_extra(method, cfg, state)
+        failures[method] = state.failures
         barrier()
 
     # 5. outputs
     if rank != 0:
         return {}
-    summaries = {m: evaluator.summary(m) for m in evaluator.methods}
-    for m, s in summaries.items():
-        s.update(extra.get(m, {}))
-        s["failures"] = failures.get(m, [])
-    doc_extra = {"failures": failures, "teach": _teach_brief(teach_summary), "total_seconds": None,
-                 "evaluation": eval_info}
-    writer.write_summary(summaries, config=config_doc["config"], seeds=config_doc["seeds"], **doc_extra)
-    summary = json.loads(writer.summary_path.read_text())
-    _write_figures_and_report(out, summary, writer, config_doc, failures)
+    summary = _write_outputs(out, evaluator, writer, config_doc, teach_summary, failures, extra, eval_info)
     summary["total_seconds"] = round(time.time() - t_start, 1)
     writer.write_summary(summary["methods"], config=summary["config"], seeds=summary["seeds"],
                          **{k: v for k, v in summary.items() if k not in ("methods", "config", "seeds",
@@ -237,57 +272,383 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
     return summary
 
 
+def _write_outputs(out, evaluator, writer, config_doc, teach_summary, failures, extra, eval_info) -> dict:
+    """summary.json (every method's ``StreamEvaluator.summary`` + costs + failures + revocations), plots, report.md;
+    returns the summary document."""
+    summaries = {m: evaluator.summary(m) for m in evaluator.methods}
+    for m, s in summaries.items():
+        s.update(extra.get(m, {}))
+        s["failures"] = failures.get(m, [])
+    revs = _StepLog(out, "lumoe").revocations()
+    if revs and "lumoe" in summaries:
+        summaries["lumoe"]["revocations"] = [{k: v for k, v in r.items() if k != "rows"} for r in revs]
+    doc_extra = {"failures": failures, "teach": _teach_brief(teach_summary), "total_seconds": None,
+                 "evaluation": eval_info}
+    writer.write_summary(summaries, config=config_doc["config"], seeds=config_doc["seeds"], **doc_extra)
+    summary = json.loads(writer.summary_path.read_text())
+    _write_figures_and_report(out, summary, writer, config_doc, failures)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- resume: step records
+class ResumeError(ValueError):
+    """``--resume`` cannot continue the run in ``--out``: none is there, or it was started with another config."""
+
+
+class ExpertCollapseError(RuntimeError):
+    """A trained expert answers its own validation queries with gibberish (``collapse_check``); it is not saved."""
+
+
+# StreamConfig fields that may differ between a run and its resumption: resume itself, progress bars, and the
+# output folder's spelling (the folder is the run)
+RESUME_IGNORED = ("resume", "progress", "out")
+
+
+def check_resumable(out: Path, cfg: StreamConfig) -> dict:
+    """The saved config of the run in ``out`` when ``cfg`` may resume it, else ``ResumeError`` saying why and what to
+    do. Compared: every ``StreamConfig`` field but ``RESUME_IGNORED``."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise ResumeError(f"--resume: {out} holds no stream run (no {path.name}); start the run without --resume, "
+                          f"or pass the --out folder of the run to continue")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+        if not isinstance(saved, dict):
+            raise TypeError("config is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"--resume: {path} cannot be read ({exc}); the run in {out} cannot be continued: start "
+                          f"a new one (another --out, or without --resume)") from None
+    now = jsonable(cfg.to_dict())
+    diff = [f"{k}: run {saved.get(k, '<absent>')!r}, now {now[k]!r}" for k in now
+            if k not in RESUME_IGNORED and saved.get(k, "<absent>") != now[k]]
+    if diff:
+        raise ResumeError(f"--resume: the run in {out} was started with another config ({'; '.join(diff)}); resume "
+                          f"it with the same options, or start a new run in another --out folder")
+    return saved
+
+
+@dataclass
+class _MethodState:
+    """What a method has done so far (replayed from its step records): records, failures, learned requests."""
+
+    records: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+
+class _StepLog:
+    """``out/steps/<method>/NNNN.json``: the raw results of one evaluated step (answers, routing, cost, failure),
+    written atomically before the step's metrics rows; ``--resume`` replays them through the evaluator, so the
+    resumed run's rows and summary are those of an uninterrupted run. ``revoke-NNN-<id>.json``: a revocation and
+    the rows of the evaluation after it."""
+
+    def __init__(self, out: Path, method: str):
+        self.dir = Path(out) / "steps" / method
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"{step:04d}.json"
+
+    def save(self, step: int, doc: dict) -> None:
+        atomic_write_text(self.path(step), json.dumps(jsonable(doc), separators=(",", ":")))
+
+    def load(self, step: int) -> Optional[dict]:
+        try:
+            return json.loads(self.path(step).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # atomic writes: only a damaged disk gets here
+            logger.warning("step record %s unreadable (%s): the step is redone", self.path(step), exc)
+            return None
+
+    def prefix(self, n: int) -> list[dict]:
+        """The records of steps 0, 1, ... up to the first missing one (later ones are dropped: redone)."""
+        recs = []
+        for step in range(n):
+            rec = self.load(step)
+            if rec is None:
+                for later in range(step + 1, n):
+                    self.path(later).unlink(missing_ok=True)
+                break
+            recs.append(rec)
+        return recs
+
+    def clear(self) -> None:
+        for p in self.dir.glob("[0-9]*.json"):
+            p.unlink()
+
+    def revocations(self) -> list[dict]:
+        out = []
+        for p in sorted(self.dir.glob("revoke-*.json")):
+            try:
+                out.append(json.loads(p.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                logger.warning("revocation record %s unreadable (%s); ignored", p, exc)
+        return out
+
+    def save_revocation(self, doc: dict) -> Path:
+        n = len(list(self.dir.glob("revoke-*.json")))
+        path = self.dir / f"revoke-{n:03d}-{doc['request']}.json"
+        atomic_write_text(path, json.dumps(jsonable(doc), separators=(",", ":")))
+        return path
+
+
+def _replay(out: Path, methods: list, requests: list, evaluator, writer) -> dict[str, _MethodState]:
+    """Resume: every method's evaluated steps (its step records, a prefix of the stream) are replayed through the
+    evaluator, and metrics.jsonl is rewritten from them (rows of a step without a record are dropped: the step is
+    redone). A fresh run has no records: nothing happens."""
+    states: dict[str, _MethodState] = {}
+    rows: list[dict] = []
+    revs = _StepLog(out, "lumoe").revocations()
+    blocked = False  # a method after an unfinished one is rerun too: the rows keep the order of a straight run
+    for method in methods:
+        log = _StepLog(out, method)
+        recs = log.prefix(len(requests))
+        if blocked or (method != "lumoe" and len(recs) < len(requests)):
+            log.clear()  # an unfinished baseline is rerun from the start
+            recs = []
+        blocked = blocked or len(recs) < len(requests)
+        st = states[method] = _MethodState()
+        for rec in recs:
+            step = rec["step"]
+            rows += evaluator.evaluate_step(step, method, rec["predictions"], rec["routing"], cost=rec["cost"])
+            if rec.get("failure"):
+                rows.append(rec["failure"])
+                st.failures.append(rec["failure"])
+            if method == "lumoe":
+                rows += [r for rv in revs if rv["after_step"] == step for r in rv["rows"]]
+            st.records.append(rec)
+    if any(st.records for st in states.values()):
+        atomic_write_text(writer.metrics_path, "".join(json.dumps(jsonable(r), ensure_ascii=False, allow_nan=False)
+                                                       + "\n" for r in rows))
+        logger.info("resume: replayed %s evaluated steps", {m: len(s.records) for m, s in states.items()})
+    elif writer.metrics_path.exists():
+        atomic_write_text(writer.metrics_path, "")
+    return states
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _method_extra(method: str, cfg: StreamConfig, state: _MethodState, gate_config: Optional[dict] = None) -> dict:
+    train_seconds = [r["train_seconds"] for r in state.records if r.get("train_seconds") is not None]
+    if method == "lumoe":
+        loss_cfg, train_cfg = cfg.loss_config(), cfg.train_config()
+    else:
+        loss_cfg, train_cfg = baseline_loss(method, beta=cfg.beta), cfg.train_config(baseline=True)
+    doc = {"train_seconds_per_request": train_seconds, "flat_cost": _flat_cost(train_seconds),
+           "loss": dataclasses.asdict(loss_cfg), "train": train_cfg.to_dict()}
+    if gate_config is not None:
+        doc["gate"] = gate_config
+    return doc
+
+
 # ----------------------------------------------------------------------------------------------------- LUMoE
-def _run_lumoe(method, model, processor, bench, requests, evaluator, writer, cfg, out, rank, max_new):
+def _spec_of(req: Request, cfg: StreamConfig):
+    """The ledger's form of a stream request (``intake.spec_from_records``: validated, content-hashed)."""
+    from lumoe_engine.data.intake import spec_from_records
+
+    return spec_from_records(req.id, req.forget, req.retain, loss=dataclasses.asdict(cfg.loss_config()),
+                             method="lumoe", entity=req.entities[0] if len(req.entities) == 1 else None,
+                             metadata=jsonable(req.metadata))
+
+
+def _receive_all(ledger, requests: list, cfg: StreamConfig) -> dict[str, BaseException]:
+    """Record every request of the stream in the ledger (the same content again is the request already held);
+    returns {request id: the intake error} for the requests the intake refuses (they never enter the ledger)."""
+    errors: dict[str, BaseException] = {}
+    t0 = time.perf_counter()
+    for req in requests:
+        if ledger is not None and req.id in ledger:
+            continue  # received by the run being resumed (same config, hence the same stream)
+        try:
+            spec = _spec_of(req, cfg)
+            if ledger is not None:
+                rid, _ = ledger.receive(spec)
+                if rid != req.id:
+                    raise RequestError(f"request {req.id!r}: same content as request {rid!r} of this stream; a "
+                                       f"request is applied once")
+        except (RequestError, ValueError, OSError) as exc:
+            errors[req.id] = exc
+    logger.info("ledger: %d requests received in %.1f s", len(requests), time.perf_counter() - t0)
+    return errors
+
+
+def _ledger_info(ledger, rid: str, state: str) -> dict:
+    """The info of the latest ``state`` event of ``rid`` ({} when none)."""
+    for ev in reversed(ledger.events(rid)):
+        if ev["state"] == state:
+            return ev["info"]
+    return {}
+
+
+def _cleanup_bank_and_gate(ledger, bank, gate, out: Path) -> None:
+    """Resume: the bank and gate hold exactly the requests the ledger says were saved and not revoked.
+
+    A revoked request still held (a crash between ``ledger.revoke`` and the removal) loses its expert and gate
+    entry; so does an expert whose request is not past "training" (a crash between ``bank.add`` and its ledger
+    event: it is trained again, deterministically) or failed; a gate entry without its expert is dropped."""
+    keep = {"expert_saved", "gate_updated", "evaluated"}
+    state = {rid: ledger.state(rid) for rid in ledger.requests()}
+    drop_gate = [e for e in gate.expert_ids if state.get(e) not in keep or e not in bank]
+    for e in drop_gate:
+        logger.info("resume: removing gate entry %s (ledger state %s)", e, state.get(e))
+        gate.remove_expert(e)
+    if drop_gate:
+        gate.save(out / "gate")
+    for e in [e for e in bank.ids if state.get(e) not in keep]:
+        logger.info("resume: removing expert %s from the bank (ledger state %s)", e, state.get(e))
+        bank.remove(e)
+
+
+def _run_lumoe(method, model, processor, bench, requests, evaluator, writer, cfg, out, rank, max_new,
+               state: _MethodState):
+    """LUMoE over the stream, each request recorded in the ledger (``out/ledger``) and resumable: a step with a
+    record was replayed already (``state``); a later request continues from its ledger state."""
     from lumoe_engine.engine import LUMoEEngine
+    from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.ledger import Ledger
     from lumoe_engine.model.bank import ExpertBank, lora_bytes
 
-    bank = ExpertBank(out / "bank") if rank == 0 else ExpertBank(None)
-    gate = _new_gate(cfg, model)
-    engine = LUMoEEngine(model, processor, bank, gate, top_k=1)
-    features = _FeatureCache(model, processor, gate)
-    loss_cfg, train_cfg = cfg.loss_config(), cfg.train_config()
-    learned: list[Request] = []
-    failures, train_seconds, bytes_per_expert = [], [], None
-    for step, req in enumerate(requests):
-        t0 = time.perf_counter()
-        cost: dict = {}
-        try:
-            _check_entities(req, bench)
-            expert, stats = train_expert(model, processor, engine.ctx, req, loss_cfg, train_cfg, method=method)
-            cost["train_seconds"] = stats["seconds"]
-            train_seconds.append(stats["seconds"])
-            if rank == 0:
-                t1 = time.perf_counter()
-                positives, negatives, groups = _gate_training_set(req, learned, requests, cfg)
-                pos, neg = features(positives), features(negatives)
-                bank.add(expert)  # atomic: file, then manifest
-                try:
-                    report = gate.add_expert(req.id, pos, neg, **({"pos_groups": groups} if groups else {}))
-                except Exception:
-                    bank.remove(req.id)  # nothing of a failed request stays in the bank
-                    raise
-                gate.save(out / "gate")
-                bytes_per_expert = lora_bytes(expert)
-                cost["gate_seconds"] = round(time.perf_counter() - t1, 3)
-                cost["gate_tpr_cal"] = report.tpr_cal
-                cost["gate_fpr_cal"] = report.fpr_cal
-            learned.append(req)
-        except (RequestError, NonFiniteLossError, ValueError, OSError) as exc:
-            failures.append(_failure(method, step, req, exc))
-        cost["seconds"] = round(time.perf_counter() - t0, 3)
+    ledger = Ledger(out / "ledger") if rank == 0 else None
+    try:
         if rank == 0:
-            t2 = time.perf_counter()
-            preds, routing, tps = _answer_lumoe(engine, evaluator.queries(step), max_new, cfg.eval_batch_size)
-            cost.update(tokens_per_s=tps, bytes_per_expert=bytes_per_expert, n_experts=len(gate),
-                        resident_bytes=bank.resident_bytes, eval_seconds=round(time.perf_counter() - t2, 3))
-            rows = evaluator.evaluate_step(step, method, preds, routing, cost=_numeric(cost))
-            writer.append(rows + [f for f in failures if f["step"] == step])
-            _log_step(method, step, req, evaluator, cost)
-        barrier()
-    engine.close()
-    return failures, {"train_seconds_per_request": train_seconds, "flat_cost": _flat_cost(train_seconds),
-                      "loss": dataclasses.asdict(loss_cfg), "train": train_cfg.to_dict(), "gate": gate.config()}
+            bank = ExpertBank.open(out / "bank", create=True)
+            gate = Gate.load(out / "gate") if (out / "gate" / "gate.json").is_file() else _new_gate(cfg, model)
+            _cleanup_bank_and_gate(ledger, bank, gate, out)
+        else:
+            bank, gate = ExpertBank(None), _new_gate(cfg, model)
+        intake_errors = _receive_all(ledger, requests, cfg) if rank == 0 else {}
+        states = {r.id: (ledger.state(r.id) if r.id in ledger else None) for r in requests} if rank == 0 else {}
+        if dist_world() > 1:
+            intake_errors, states = _broadcast(({k: str(v) for k, v in intake_errors.items()}, states))
+            intake_errors = {k: RequestError(v) for k, v in intake_errors.items()}
+        engine = LUMoEEngine(model, processor, bank, gate, top_k=1)
+        features = _FeatureCache(model, processor, gate)
+        loss_cfg, train_cfg = cfg.loss_config(), cfg.train_config()
+        learned: list[Request] = []
+        bytes_per_expert = None
+        start = len(state.records)
+        for step, rec in enumerate(state.records):  # replay: the gate features cache fills as it did
+            req = requests[step]
+            if rank == 0 and rec.get("features") and start < len(requests):
+                pos, neg, _ = _gate_training_set(req, learned, requests, cfg)
+                features(pos), features(neg)
+            if rec.get("learned"):
+                learned.append(req)
+            if rec.get("bytes_per_expert") is not None:
+                bytes_per_expert = rec["bytes_per_expert"]
+            if rank == 0 and req.id in ledger and ledger.state(req.id) == "gate_updated":
+                ledger.advance(req.id, "evaluated", step=step)  # its rows were appended: the crash came after
+        for step in range(start, len(requests)):
+            req = requests[step]
+            rid = req.id
+            t0 = time.perf_counter()
+            cost: dict = {}
+            failure = None
+            rec = {"step": step, "method": method, "request": rid, "learned": False, "features": False,
+                   "train_seconds": None}
+            st = states.get(rid)
+            try:
+                if rid in intake_errors:
+                    raise intake_errors[rid]
+                if st == "failed":  # it failed before the crash: the same failure again, nothing retried
+                    info = _ledger_info(ledger, rid, "failed") if ledger is not None else {}
+                    raise _Recorded(info.get("error_type", "RequestError"), info.get("error", info.get("reason")))
+                if st == "revoked":
+                    raise _Recorded("Revoked", f"request {rid!r} was revoked before it was learned")
+                if st in (None, "received", "training"):
+                    if ledger is not None:
+                        ledger.advance(rid, "training")
+                    _check_entities(req, bench)
+                    expert, stats = train_expert(model, processor, engine.ctx, req, loss_cfg, train_cfg,
+                                                 method=method)
+                    rec["train_seconds"] = stats["seconds"]
+                    # the expert file holds no wall-clock values: a resumed run writes the same bytes
+                    expert.metadata = {k: v for k, v in expert.metadata.items() if k not in EXPERT_TIMING_KEYS}
+                    collapse_check(model, processor, engine.ctx, expert, req, max_new)
+                    if rank == 0:
+                        positives, negatives, groups = _gate_training_set(req, learned, requests, cfg)
+                        features(positives), features(negatives)
+                        rec["features"] = True
+                        bank.add(expert)  # atomic: file, then manifest
+                        ledger.advance(rid, "expert_saved", train_seconds=stats["seconds"],
+                                       bytes=lora_bytes(expert), steps=stats["steps"])
+                elif ledger is not None:  # expert_saved or gate_updated before the crash: the expert is in the bank
+                    rec["train_seconds"] = _ledger_info(ledger, rid, "expert_saved").get("train_seconds")
+                cost["train_seconds"] = rec["train_seconds"]
+                if rank == 0:
+                    t1 = time.perf_counter()
+                    # the features even when the gate already holds the head (resumed after gate.save): the cache
+                    # must fill as in an uninterrupted run, since a batch's composition changes features in the
+                    # last bits (measured: a head fitted later differed by ~1e-5)
+                    positives, negatives, groups = _gate_training_set(req, learned, requests, cfg)
+                    pos, neg = features(positives), features(negatives)
+                    rec["features"] = True
+                    if rid not in gate:
+                        try:
+                            gate.add_expert(rid, pos, neg, **({"pos_groups": groups} if groups else {}))
+                        except Exception:
+                            bank.remove(rid)  # nothing of a failed request stays in the bank
+                            raise
+                        gate.save(out / "gate")
+                    report = gate.reports.get(rid)
+                    if ledger.state(rid) == "expert_saved":  # (evaluated already: its step record was lost)
+                        ledger.advance(rid, "gate_updated", threshold=getattr(report, "threshold", None))
+                    bytes_per_expert = lora_bytes(bank.get(rid))
+                    cost["gate_seconds"] = round(time.perf_counter() - t1, 3)
+                    cost["gate_tpr_cal"] = getattr(report, "tpr_cal", None)
+                    cost["gate_fpr_cal"] = getattr(report, "fpr_cal", None)
+                learned.append(req)
+                rec["learned"] = True
+            except (RequestError, NonFiniteLossError, ExpertCollapseError, ValueError, OSError, _Recorded) as exc:
+                failure = _failure(method, step, req, exc)
+                if ledger is not None and rid in ledger and ledger.state(rid) not in ("failed", "revoked"):
+                    ledger.fail(rid, reason=f"{failure['error_type']}: {failure['error']}",
+                                error_type=failure["error_type"], error=failure["error"], step=step)
+            cost["seconds"] = round(time.perf_counter() - t0, 3)
+            if rank == 0:
+                t2 = time.perf_counter()
+                preds, routing, tps = _answer_lumoe(engine, evaluator.queries(step), max_new, cfg.eval_batch_size)
+                cost.update(tokens_per_s=tps, bytes_per_expert=bytes_per_expert, n_experts=len(gate),
+                            resident_bytes=bank.resident_bytes, eval_seconds=round(time.perf_counter() - t2, 3))
+                rec.update(cost=_numeric(cost), predictions=preds, routing=routing, failure=failure,
+                           bytes_per_expert=bytes_per_expert)
+                _StepLog(out, method).save(step, rec)
+                rows = evaluator.evaluate_step(step, method, preds, routing, cost=rec["cost"])
+                writer.append(rows + ([failure] if failure else []))
+                if failure is None:
+                    ledger.advance(rid, "evaluated", step=step)
+                _log_step(method, step, req, evaluator, cost)
+            if failure is not None:
+                state.failures.append(failure)
+            state.records.append(rec)
+            barrier()
+        engine.close()
+        return _method_extra(method, cfg, state, gate.config())
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+class _Recorded(Exception):
+    """A failure recorded before a crash (ledger state failed or revoked), reported again on resume as it was."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+# the keys of an expert's metadata that hold wall-clock values (kept in the ledger, not in the expert file)
+EXPERT_TIMING_KEYS = ("seconds", "created")
+
+
+def dist_world() -> int:
+    return dist_info()[1]
+
 
 
 def _new_gate(cfg: StreamConfig, model):
@@ -377,24 +738,27 @@ def _answer_lumoe(engine, records: Sequence[QARecord], max_new: int, batch_size:
 
 
 # ------------------------------------------------------------------------------------------------- baselines
-def _run_baseline(method, model, processor, bench, requests, evaluator, writer, cfg, out, rank, max_new):
+def _run_baseline(method, model, processor, bench, requests, evaluator, writer, cfg, out, rank, max_new,
+                  state: _MethodState):
+    """A sequential baseline over the whole stream (an unfinished one is rerun from the start: see run_stream)."""
     from lumoe_engine.model.collate import generate_answers
     from lumoe_engine.data.mlubench import load_image
 
     loss_cfg = baseline_loss(method, beta=cfg.beta)  # the paper's losses: retain terms on (weight 1)
     train_cfg = cfg.train_config(baseline=True)
     base = SequentialBaseline(model, processor, method, loss_cfg, train_cfg)
-    failures, train_seconds = [], []
+    log = _StepLog(out, method)
     for step, req in enumerate(requests):
         t0 = time.perf_counter()
         cost: dict = {}
+        failure = None
+        rec = {"step": step, "method": method, "request": req.id, "train_seconds": None}
         try:
             _check_entities(req, bench)
             stats = base.learn(req)
-            cost["train_seconds"] = stats["seconds"]
-            train_seconds.append(stats["seconds"])
+            cost["train_seconds"] = rec["train_seconds"] = stats["seconds"]
         except (RequestError, NonFiniteLossError, ValueError, OSError) as exc:
-            failures.append(_failure(method, step, req, exc))
+            failure = _failure(method, step, req, exc)
         cost["seconds"] = round(time.perf_counter() - t0, 3)
         if rank == 0:
             t2 = time.perf_counter()
@@ -402,24 +766,314 @@ def _run_baseline(method, model, processor, bench, requests, evaluator, writer, 
             texts = generate_answers(model, processor, queries, max_new, batch_size=cfg.eval_batch_size,
                                      image_fn=load_image)
             cost["eval_seconds"] = round(time.perf_counter() - t2, 3)
-            rows = evaluator.evaluate_step(step, method, {r.uid: t for r, t in zip(queries, texts)},
-                                           cost=_numeric(cost))
-            writer.append(rows + [f for f in failures if f["step"] == step])
+            preds = {r.uid: t for r, t in zip(queries, texts)}
+            rec.update(cost=_numeric(cost), predictions=preds, routing=None, failure=failure)
+            log.save(step, rec)
+            rows = evaluator.evaluate_step(step, method, preds, cost=rec["cost"])
+            writer.append(rows + ([failure] if failure else []))
             _log_step(method, step, req, evaluator, cost)
+        if failure is not None:
+            state.failures.append(failure)
+        state.records.append(rec)
         barrier()
     base.close()
-    return failures, {"train_seconds_per_request": train_seconds, "flat_cost": _flat_cost(train_seconds),
-                      "loss": dataclasses.asdict(loss_cfg), "train": train_cfg.to_dict()}
+    return _method_extra(method, cfg, state)
 
 
 # ----------------------------------------------------------------------------------------------------- pieces
 def _fresh_out(out: Path) -> None:
-    """Create ``out``; a previous run's bank/ and gate/ there are removed (metrics.jsonl is restarted too)."""
+    """Create ``out``; a previous run's bank/, gate/, ledger/ and steps/ there are removed (metrics.jsonl is
+    restarted too)."""
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("bank", "gate"):
+    for sub in ("bank", "gate", "ledger", "steps"):
         if (out / sub).exists():
             logger.info("removing the previous run's %s", out / sub)
             shutil.rmtree(out / sub)
+
+
+
+# ------------------------------------------------------------------------------------------- collapse guard
+COLLAPSE_QUERIES = 8        # validation queries per expert: half forget (both forms), half retain when it has any
+COLLAPSE_MAX_SHARE = 0.5    # the expert collapsed when more than this share of its answers is degenerate
+_WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*", re.UNICODE)
+_GLUED = re.compile(r"[^\W\d_]{3,}\d+|\d+[^\W\d_]{3,}\d*", re.UNICODE)  # "seasons5", "5Drosork": no word
+
+
+def degenerate_answer(text: str, vocab: Optional[set] = None) -> Optional[str]:
+    """Why ``text`` is not an answer a working model gives (None when it looks like one).
+
+    Degenerate: a replacement character or an unknown-token marker; no word at all; one word repeated three times
+    in a row (``"the the the"``); a word of 4+ letters twice in a row (``"Fekroun Fekroun"``, digits ignored); a
+    word of 3+ letters glued to digits (``"seasons5"``, ``"Drosork555"``: the word tokenizer's babble); one word
+    making up more than half of an answer of at least four words; under half
+    of its characters letters/digits/spaces/common punctuation; and, given the tokenizer's ``vocab`` (lower-cased
+    words), under half of its alphabetic words known to it. An IDK refusal ("I don't know anything about that
+    person.") passes every rule; the babble of a collapsed expert fails at least one (measured on the micro LLaVA
+    taught 150 steps: an expert with its B matrices scaled up answers "Atlas Atlas Atlas ...", "printers5 printers5
+    Fekroun Kobratror printers", "Quashind seasons Drosork53 Fekroun Fekroun": 8 of 8 flagged; its base answers
+    "Trailing runner", "Tarouth Nequiox": 0 of 8).
+
+    An empty answer is NOT degenerate: it is a refusal by silence — an IDK expert early in its training ends the
+    answer at once (measured: micro LLaVA, 12-40 IDK steps, idk loss ~3.9: 7-8 of 8 validation answers empty) —
+    and it reveals nothing."""
+    t = (text or "").strip()
+    if not t:
+        return None
+    if "\ufffd" in t or "<unk>" in t.lower() or "[unk]" in t.lower():
+        return "unknown-token marker in the answer"
+    words = [w.lower() for w in _WORD.findall(t)]
+    if not words:
+        return "no word in the answer"
+    for a, b, c in zip(words, words[1:], words[2:]):
+        if a == b == c:
+            return f"the word {a!r} three times in a row"
+    glued = [w for w in words if _GLUED.fullmatch(w)]
+    if glued:
+        return f"letters and digits glued into one word ({glued[0]!r})"
+    stems = [w.strip("0123456789") for w in words]
+    for a, b in zip(stems, stems[1:]):
+        if a == b and len(a) >= 4:
+            return f"the word {a!r} twice in a row"
+    if len(words) >= 4:
+        top = max(words.count(w) for w in set(words))
+        if top / len(words) > 0.5:
+            return "one word is more than half of the answer"
+    ok = sum(ch.isalnum() or ch.isspace() or ch in ".,;:!?'’\"-()/&%$#" for ch in t)
+    if ok / len(t) < 0.5:
+        return "mostly not text characters"
+    alpha = [w for w in words if w.isalpha()]  # numbers and codes are not vocabulary words, nor gibberish
+    if vocab and alpha:
+        known = sum(w in vocab for w in alpha)
+        if known / len(alpha) < 0.5:
+            return "most words are not in the tokenizer's vocabulary"
+    return None
+
+
+def _vocab_words(processor) -> Optional[set]:
+    """The lower-cased whole words of the tokenizer's vocabulary (word-piece markers ▁ / Ġ stripped), or None."""
+    tok = getattr(processor, "tokenizer", processor)
+    try:
+        vocab = tok.get_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary: the rule is skipped
+        return None
+    words = {w.lstrip("▁Ġ").lower() for w in vocab}
+    return {w for w in words if w and any(ch.isalpha() for ch in w)} or None
+
+
+def validation_queries(request: Request, n: int = COLLAPSE_QUERIES) -> list[QARecord]:
+    """A few of the request's own queries for ``collapse_check``: up to n/2 forget records (image+text and text-only
+    alternating) and the rest retain records (forget again when it has none); deterministic (spread over uid order)."""
+    def spread(recs, k):
+        recs = sorted(recs, key=lambda r: r.uid)
+        if len(recs) <= k:
+            return recs
+        return [recs[(i * len(recs)) // k] for i in range(k)]
+
+    forms = [[r for r in request.forget if r.form == f] for f in ("image_text", "text_only")]
+    k_ret = min(n // 2, len(request.retain))
+    k_fgt = n - k_ret
+    fgt = [r for pair in zip(*(spread(f, k_fgt) for f in forms)) for r in pair]
+    fgt += [r for f in forms for r in spread(f, k_fgt) if r not in fgt]
+    return fgt[:k_fgt] + spread(request.retain, k_ret)
+
+
+def collapse_check(model, processor, ctx, expert, request: Request, max_new: int,
+                   n: int = COLLAPSE_QUERIES) -> dict:
+    """The collapse guard: the freshly trained ``expert`` (a bank ``Expert``, not yet saved) answers a few of its
+    request's own queries (``validation_queries``) with only itself active; when more than ``COLLAPSE_MAX_SHARE`` of
+    the answers are degenerate (``degenerate_answer``) while the base model's answers to the same queries are not
+    (an untaught base that answers nothing proves nothing about the expert), it raises ``ExpertCollapseError``
+    naming the request, the reasons and an example. Returns {"answers", "base_answers", "degenerate",
+    "base_degenerate"} otherwise."""
+    from lumoe_engine.data.mlubench import load_image
+    from lumoe_engine.model.collate import generate_answers
+    from lumoe_engine.model.multilora import TrainableExpert
+
+    queries = validation_queries(request, n)
+    if not queries:
+        return {"answers": [], "degenerate": 0}
+    ref = next(model.parameters())
+    te = TrainableExpert(rank=expert.rank, alpha=float(expert.alpha),
+                         weights={m: (a.to(ref.device), b.to(ref.device)) for m, (a, b) in expert.weights.items()})
+    ctx.clear()
+    with torch.no_grad():
+        base = generate_answers(model, processor, queries, max_new, batch_size=len(queries), image_fn=load_image)
+        with ctx.training(te):
+            texts = generate_answers(model, processor, queries, max_new, batch_size=len(queries),
+                                     image_fn=load_image)
+    vocab = _vocab_words(processor)
+    why = [degenerate_answer(t, vocab) for t in texts]
+    bad = [(q, t, w) for q, t, w in zip(queries, texts, why) if w]
+    base_bad = sum(degenerate_answer(t, vocab) is not None for t in base)
+    if len(bad) > COLLAPSE_MAX_SHARE * len(texts) and base_bad <= COLLAPSE_MAX_SHARE * len(base):
+        q, t, w = bad[0]
+        raise ExpertCollapseError(
+            f"request {request.id!r}: the trained expert collapsed: {len(bad)} of its {len(texts)} validation "
+            f"answers are gibberish ({', '.join(sorted({w for _, _, w in bad}))}; e.g. {q.question!r} -> {t!r:.80}); "
+            f"it was not saved: lower --lr (now {getattr(expert, 'metadata', {}).get('lr', '?')}) or --steps")
+    return {"answers": texts, "base_answers": base, "degenerate": len(bad), "base_degenerate": base_bad}
+
+
+# ------------------------------------------------------------------------------------------------- revocation
+def revoke(out_dir, request_id: str, reason: Optional[str] = None) -> dict:
+    """Withdraw request ``request_id`` of the stream run in ``out_dir``: the ledger records it as revoked first,
+    then its expert leaves the bank and its entry the gate (saved), then every request learned so far is evaluated
+    again (rows appended to metrics.jsonl with ``"revocation": <id>`` and ``"step_label": "after revoking <id>"``;
+    their relapse is None: the revoked request's leak comes back by design) and summary.json / report.md are
+    rewritten (``methods.lumoe.revocations``: one entry per revocation with the revoked request's leak per form
+    before and after, and the aggregate after).
+
+    Idempotent: revoking again changes nothing and returns the recorded result with ``"changed": False``. Refused
+    (``LedgerLockedError``) while a stream process writes the run. Returns {request, reason, changed, removed_expert,
+    removed_gate_entry, after_step, leak_before, leak_after, final}."""
+    from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.ledger import Ledger
+    from lumoe_engine.model.bank import ExpertBank
+
+    out = Path(out_dir)
+    saved = _saved_config(out)
+    log = _StepLog(out, "lumoe")
+    with Ledger(out / "ledger") as ledger:
+        changed = ledger.revoke(request_id, reason=reason)  # UnknownRequestError for an id it does not hold
+        removed_gate = removed_expert = False
+        if (out / "gate" / "gate.json").is_file():
+            gate = Gate.load(out / "gate")
+            if request_id in gate:
+                gate.remove_expert(request_id)
+                gate.save(out / "gate")
+                removed_gate = True
+        if (out / "bank" / "manifest.json").is_file():
+            bank = ExpertBank.open(out / "bank")
+            if request_id in bank:
+                bank.remove(request_id)
+                removed_expert = True
+        done = next((r for r in log.revocations() if r["request"] == request_id), None)
+        if done is not None:
+            return {**{k: v for k, v in done.items() if k != "rows"}, "changed": changed or removed_gate
+                    or removed_expert}
+        doc = _evaluate_after_revocation(out, saved, request_id, reason)
+        doc.update(removed_expert=removed_expert, removed_gate_entry=removed_gate)
+        if doc.get("rows") is not None:
+            log.save_revocation(doc)
+            MetricsWriter(out, resume=True).append(doc["rows"])
+            _rewrite_outputs(out, saved)
+        return {**{k: v for k, v in doc.items() if k != "rows"}, "changed": True}
+
+
+def _saved_config(out: Path) -> StreamConfig:
+    path = out / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no stream run (no config.json); pass the --out folder of a stream run")
+    saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+    names = {f.name for f in dataclasses.fields(StreamConfig)}
+    cfg = StreamConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg.out, cfg.resume, cfg.progress = str(out), False, False
+    return cfg
+
+
+def _load_run(cfg: StreamConfig):
+    """The model, processor, teach summary, benchmark, requests, evaluator (base answers set), max new tokens and
+    the base answers of a saved run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, processor, teach_summary, bench = _taught_base(cfg, 0)
+    model.requires_grad_(False)
+    max_new = cfg.max_new_tokens or int(teach_summary.get("max_new_tokens") or 16)
+    requests = build_stream(bench, cfg.stream)
+    eval_bench, eval_info = _evaluation_benchmark(bench, cfg.extra_eval)
+    evaluator = StreamEvaluator(eval_bench, requests, max_per_set=cfg.max_per_set, seed=cfg.seed)
+    base_preds = _base_predictions(model, processor, evaluator.queries(), max_new, cfg, teach_summary)
+    evaluator.set_base(base_preds)
+    return model, processor, teach_summary, bench, requests, evaluator, max_new, base_preds
+
+
+def _evaluate_after_revocation(out: Path, cfg: StreamConfig, request_id: str, reason) -> dict:
+    from lumoe_engine.engine import LUMoEEngine
+    from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.model.bank import ExpertBank
+
+    log = _StepLog(out, "lumoe")
+    doc = {"request": request_id, "reason": reason, "time": round(time.time(), 3), "after_step": None,
+           "leak_before": None, "leak_after": None, "final": None, "rows": None}
+    model, processor, _, _, requests, evaluator, max_new, base_preds = _load_run(cfg)
+    recs = log.prefix(len(requests))
+    if not recs:
+        return doc  # nothing evaluated yet: the next step of the stream evaluates without the expert
+    last = len(recs) - 1
+    for rec in recs[:-1]:  # the history (relapse is measured against it)
+        evaluator.evaluate_step(rec["step"], "lumoe", rec["predictions"], rec["routing"], cost=rec["cost"])
+    before = StreamEvaluator(evaluator.benchmark, requests, max_per_set=cfg.max_per_set, seed=cfg.seed)
+    before.set_base(base_preds)
+    prev_rows = before.evaluate_step(last, "lumoe", recs[-1]["predictions"], recs[-1]["routing"])
+    bank = ExpertBank.open(out / "bank", create=True)
+    gate = Gate.load(out / "gate") if (out / "gate" / "gate.json").is_file() else _new_gate(cfg, model)
+    engine = LUMoEEngine(model, processor, bank, gate, top_k=1)
+    t0 = time.perf_counter()
+    preds, routing, tps = _answer_lumoe(engine, evaluator.queries(last), max_new, cfg.eval_batch_size)
+    engine.close()
+    cost = _numeric({"eval_seconds": round(time.perf_counter() - t0, 3), "tokens_per_s": tps,
+                     "n_experts": len(gate), "resident_bytes": bank.resident_bytes})
+    rows = evaluator.evaluate_step(last, "lumoe", preds, routing, cost=cost)
+    label = f"after revoking {request_id}"
+    for r in rows:
+        r.update(revocation=request_id, step_label=label, relapse=None)
+
+    def leak_of(rs):
+        return {r["form"]: r["leak"] for r in rs if r["set"] == "forget" and r["request"] == request_id}
+
+    doc.update(after_step=last, leak_before=leak_of(prev_rows), leak_after=leak_of(rows),
+               final=evaluator.summary("lumoe")["final"], rows=rows)
+    return doc
+
+
+def _rewrite_outputs(out: Path, cfg: StreamConfig) -> None:
+    """summary.json and report.md again (after a revocation), when the run wrote them; the summary keeps its
+    measured values and gains ``methods.lumoe.revocations``."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    revs = _StepLog(out, "lumoe").revocations()
+    if "lumoe" in summary.get("methods", {}):
+        summary["methods"]["lumoe"]["revocations"] = [{k: v for k, v in r.items() if k != "rows"} for r in revs]
+    writer = MetricsWriter(out, resume=True)
+    writer.write_summary(summary["methods"], config=summary.get("config"), seeds=summary.get("seeds"),
+                         **{k: v for k, v in summary.items() if k not in ("methods", "config", "seeds",
+                                                                           "schema_version")})
+    config_doc = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    _write_figures_and_report(out, summary, writer, config_doc, summary.get("failures", {}))
+
+
+# ------------------------------------------------------------------------------------- comparing two runs
+# summary.json keys whose values are wall-clock measurements (removed at any depth by ``comparable_summary``):
+# seconds of a step / of training / of the gate update / of evaluation, tokens per second, and everything derived
+# from them (per-request lists, means, the flat-cost ratios), the base answers' time, the whole run's time
+TIMING_KEYS = frozenset({"seconds", "train_seconds", "gate_seconds", "eval_seconds", "tokens_per_s",
+                         "seconds_per_request", "mean_seconds_per_request", "train_seconds_per_request", "flat_cost",
+                         "base_predictions_s", "total_seconds", "time"})
+# keys of summary.json that describe the process, not the result: the config's resume / progress / out (RESUME_IGNORED)
+# and whether the taught base came from the cache (teach.cached, teach.seconds: the first run may teach, a later
+# one loads)
+RUN_KEYS = {"config": RESUME_IGNORED, "teach": ("cached", "seconds")}
+
+
+def comparable_summary(doc: dict) -> dict:
+    """``doc`` (summary.json) without ``TIMING_KEYS`` (at any depth) and ``RUN_KEYS``: what an interrupted and
+    resumed run must reproduce exactly."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in TIMING_KEYS}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    doc = strip(copy.deepcopy(doc))
+    for section, keys in RUN_KEYS.items():
+        for k in keys:
+            (doc.get(section) or {}).pop(k, None)
+    return doc
+
 
 
 def _taught_base(cfg: StreamConfig, rank: int):
@@ -459,7 +1113,7 @@ def _check_entities(req: Request, bench: Benchmark) -> None:
 def _failure(method: str, step: int, req: Request, exc: BaseException) -> dict:
     logger.error("%s: request %s (step %d) failed: %s: %s", method, req.id, step, type(exc).__name__, exc)
     return {"step": step, "method": method, "request": req.id, "request_index": step, "set": "failure",
-            "form": None, "error_type": type(exc).__name__, "error": str(exc)}
+            "form": None, "error_type": getattr(exc, "error_type", type(exc).__name__), "error": str(exc)}
 
 
 def _dedupe(records: Sequence[QARecord]) -> list[QARecord]:
@@ -633,6 +1287,19 @@ def _write_figures_and_report(out: Path, summary: dict, writer: MetricsWriter, c
     flat = [(m, s.get("flat_cost", {})) for m, s in summary["methods"].items()]
     text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n## Failed requests\n\n"
     text += ("\n".join(lines) if lines else "None: every request was learned.") + "\n"
+    revs = summary["methods"].get("lumoe", {}).get("revocations") or []
+    if revs:
+        text += ("\n## Revocations\n\nEach revoked request's expert and gate entry were removed, then every request "
+                 "so far was evaluated again (rows with `revocation` in metrics.jsonl): the revoked request's leak "
+                 "comes back.\n\n| request | reason | after step | leak before -> after (image+text / text-only / "
+                 "paraphrase) | retain ratio after |\n|---|---|---|---|---|\n")
+        for r in revs:
+            lb, la = r.get("leak_before") or {}, r.get("leak_after") or {}
+            leaks = " / ".join(f"{_fmt(lb.get(f))} -> {_fmt(la.get(f))}" for f in ("image_text", "text_only",
+                                                                                    "paraphrase"))
+            fin = r.get("final") or {}
+            text += (f"| `{r['request']}` | {r.get('reason') or '–'} | {r.get('after_step')} | {leaks} | "
+                     f"{_fmt(fin.get('retain_ratio'))} |\n")
     text += "\n## Training cost per request\n\n| method | first (s) | last (s) | last / first |\n|---|---|---|---|\n"
     for m, fc in flat:
         text += f"| {m} | {_fmt(fc.get('first'))} | {_fmt(fc.get('last'))} | {_fmt(fc.get('ratio_last_first'))} |\n"
@@ -692,6 +1359,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--teach", action="append", default=[], metavar="FIELD=VALUE",
                    help="a TeachConfig field for the taught base, e.g. --teach time_budget_s=120 (repeatable)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (killed or stopped) from its ledger: requests evaluated are kept, "
+                        "the others redone; refused when --out holds no run or one with other options")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return parser
 
@@ -711,7 +1381,7 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
                         gate_layer=get("gate_layer"), target_fpr=get("target_fpr"),
                         gate_negatives=get("gate_negatives"), threads=get("threads"),
                         teach_overrides=_parse_overrides(getattr(args, "teach", None) or []),
-                        progress=not getattr(args, "no_progress", False))
+                        progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))
 
 
 def _parse_overrides(items: Sequence[str]) -> dict:

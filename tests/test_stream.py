@@ -16,6 +16,7 @@ from lumoe_engine.data.streams import Request
 from lumoe_engine.eval.metrics import FORGET_FORMS, read_rows
 from lumoe_engine.model.bank import ExpertBank
 from lumoe_engine.gate.gate import Gate
+from lumoe_engine.ledger import Ledger
 from lumoe_engine.unlearn import baselines as baselines_mod
 from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
 
@@ -44,7 +45,7 @@ def _bad_requests(requests, bench, broken_png):
     img = next(r for r in b.forget if r.form == "image_text")
     badimg = Request(id="bad-image", forget=[dataclasses.replace(img, image=str(broken_png), image_missing=False)],
                      retain=b.retain, entities=b.entities[:1])
-    nan = dataclasses.replace(b, id="bad-nan")
+    nan = dataclasses.replace(b, id="bad-nan", forget=b.forget[1:])  # other content than b: another request
     return [a, empty, ghost, badimg, nan, b]
 
 
@@ -84,7 +85,7 @@ def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monk
     assert set(fails) == {"bad-empty", "bad-unknown", "bad-image", "bad-nan"}
     assert "forget set is empty" in fails["bad-empty"]["error"]
     assert "'Nobody Atall' is not in the benchmark" in fails["bad-unknown"]["error"]
-    assert "cannot be opened" in fails["bad-image"]["error"] and "broken.png" in fails["bad-image"]["error"]
+    assert "does not open as an image" in fails["bad-image"]["error"] and "broken.png" in fails["bad-image"]["error"]
     assert fails["bad-nan"]["error_type"] == "NonFiniteLossError" and "nan at step 0" in fails["bad-nan"]["error"]
     rows = read_rows(out / "metrics.jsonl")
     assert sorted(r["request"] for r in rows if r["set"] == "failure") == sorted(fails)
@@ -105,6 +106,47 @@ def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monk
     conf = json.loads((out / "config.json").read_text())
     assert conf["config"]["stream"] == "ab" and conf["seeds"]["stream"] == 0
     assert conf["config"]["requests"] == ["taskA", "bad-empty", "bad-unknown", "bad-image", "bad-nan", "taskB"]
+    # the ledger: every request the intake accepts, with its state; the two it refuses never entered it
+    with Ledger(out / "ledger", readonly=True) as led:
+        assert led.requests() == ["taskA", "bad-unknown", "bad-nan", "taskB"]
+        assert led.requests("evaluated") == ["taskA", "taskB"]
+        assert led.status("bad-nan").state == "failed" and "NonFiniteLossError" in led.status("bad-nan").reason
+        assert "not in the benchmark" in led.status("bad-unknown").reason
+        assert [st for st, _, _ in led.status("taskA").history] == ["received", "training", "expert_saved",
+                                                                    "gate_updated", "evaluated"]
+        spec = led.spec("taskB")  # the stored request re-reads (images from the ledger's own copies)
+        assert len(spec.forget) == len(_task_b_forget(out)) and spec.entity is None
+    assert sorted(p.name for p in (out / "steps" / "lumoe").iterdir()) == [f"{i:04d}.json" for i in range(6)]
+
+
+def _task_b_forget(out):
+    """The forget records of request taskB of the stream "ab" run in ``out`` (its saved config)."""
+    from lumoe_engine.data.streams import build_stream
+    from lumoe_engine.model.teach import load_data
+
+    cfg = stream_mod._saved_config(out)
+    return build_stream(load_data(cfg.teach_config(), cfg.cache), "ab")[1].forget
+
+
+def test_synthetic_streams_beyond_the_task_files():
+    """synthetic:20 and synthetic:32 on the embedded default (36 entities); 33 leaves fewer than
+    NEVER_REQUESTED_KEEP entities never requested: a clear error naming the largest N."""
+    from lumoe_engine.data.streams import NEVER_REQUESTED_KEEP, build_stream
+    from lumoe_engine.model.teach import load_data
+
+    bench = load_data(stream_mod.StreamConfig(synthetic="default").teach_config(), None)
+    in_files = {r.entity for t in bench.tasks.values() for split in t.values() for r in split}
+    for n in (20, 32):
+        reqs = build_stream(bench, f"synthetic:{n}")
+        ents = [r.entities[0] for r in reqs]
+        assert len(reqs) == n and len(set(ents)) == n
+        assert all(r.retain for r in reqs)  # every request has retain data (gate negatives, retain metrics)
+        untasked = [r for r in reqs if r.metadata.get("untasked")]
+        assert all(r.entities[0] not in in_files for r in untasked)
+        assert len(untasked) == max(0, n - len(in_files))
+        assert len(set(bench.entities) - set(ents)) >= NEVER_REQUESTED_KEEP
+    with pytest.raises(ValueError, match=r"largest N is 32.*--synthetic medium"):
+        build_stream(bench, "synthetic:33")
 
 
 def test_compare_puts_every_method_in_one_summary(tmp_path, cache, monkeypatch):

@@ -7,11 +7,14 @@ A stream is a list of ``Request``s, learned one after the other. Specs (``build_
 - ``"entity"``: one request per forget entity of tasks A-D, tasks in order, entities in task-file order; retain = the
   retain entities of the entity's task.
 - ``"synthetic:N"``: N requests of one entity each: first the entities some task forgets (tasks in order), then the
-  other entities of the task files (classes round robin). Entities that appear in no task file are never requested:
-  they stay the stream's never-requested retain set. An entity is never requested twice; N above the number of
-  entities available raises ValueError (use a larger synthetic preset). Retain of a request: its task's retain
-  entities; for an entity no task forgets, the task-retain entities of its class; when none of them is left, any
-  task-retain entity.
+  other entities of the task files (classes round robin), then — only when N needs them — entities of no task file
+  (classes round robin), always leaving ``NEVER_REQUESTED_KEEP`` of those never requested: the never-requested
+  retain set shrinks by one entity per such request (a warning says so; ``metadata["untasked"]`` marks them). An
+  entity is never requested twice; N above the number of entities available raises ValueError naming the largest N
+  (use a larger synthetic preset). Retain of a request: its task's retain entities; for an entity no task forgets,
+  the task-retain entities of its class; when none of them is left, any task-retain entity; when the stream requests
+  every task-retain entity, the never-requested entities of its class, else all never-requested entities (which
+  then count as retain, so the evaluator's never-requested set may become empty: ``retain_source`` says which).
 
 Records. Forget records of a request = its entities' *teachable* records (``heldout_phrasing`` and ``fresh_image``
 False, both forms); the evaluation additionally uses the held-out phrasings and fresh images of the same entities.
@@ -25,6 +28,7 @@ Request ids are safe as file names (``[A-Za-z0-9_.-]``) and unique within a stre
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 from collections import defaultdict
@@ -36,6 +40,10 @@ from lumoe_engine.data.records import Benchmark, QARecord
 STREAM_SPECS = ("abcd", "cabd", "entity", "synthetic:N")
 ENTITY_TASKS = ("A", "B", "C", "D")  # the tasks an "entity" stream walks, in order
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+# entities of no task file that a synthetic:N stream never requests: the never-requested retain set keeps at least
+# this many (one request per entity; N beyond the task files takes the others, classes round robin)
+NEVER_REQUESTED_KEEP = 4
+logger = logging.getLogger("lumoe_engine.data.streams")
 
 
 @dataclass
@@ -123,6 +131,7 @@ def build_stream(benchmark: Benchmark, spec: str) -> list[Request]:
         raise ValueError(f"unknown stream spec {spec!r}; choose one of {_options()}")
 
     requested = {e for ents, _ in plan for e in ents}
+    task_files = {r.entity for t in benchmark.tasks.values() for split in t.values() for r in split}
     retain_pool = _retain_pool(benchmark, requested)
     width = max(3 if kind == "entity" else 4, len(str(len(plan) - 1)))
     out: list[Request] = []
@@ -144,7 +153,9 @@ def build_stream(benchmark: Benchmark, spec: str) -> list[Request]:
         assert _SAFE_ID.match(rid), rid
         out.append(Request(id=rid, forget=forget, retain=retain, entities=tuple(ents), task=task,
                            metadata={"spec": spec, "index": i, "kind": kind, "retain_entities": list(retain_ents),
-                                     "retain_source": source, "retain_empty": not retain}))
+                                     "retain_source": source, "retain_empty": not retain,
+                                     **({"untasked": True} if kind == "synthetic" and task is None
+                                        and ents[0] not in task_files else {})}))
     return out
 
 
@@ -177,7 +188,17 @@ def _retain_for(benchmark, ents, task, requested, pool) -> tuple[list[str], str]
     if same:
         return same, "class"
     anyc = [e for c in sorted(pool) for e in pool[c]]
-    return anyc, ("any" if anyc else "none")
+    if anyc:
+        return anyc, "any"
+    # no task-retain entity is left (a long synthetic stream requested them all): the entities of no task file that
+    # the stream never requests stand in (those of the request's class, else all of them); they then count as
+    # retain entities, not as never-requested ones
+    in_files = {r.entity for t in benchmark.tasks.values() for split in t.values() for r in split}
+    never = [e for e in sorted(benchmark.entities) if e not in in_files and e not in requested]
+    same = [e for e in never if benchmark.entities.get(e, "") in classes]
+    if same or never:
+        return same or never, "never-requested"
+    return [], "none"
 
 
 def _synthetic_plan(benchmark: Benchmark, spec: str, n_text: str) -> list[tuple[tuple[str, ...], Optional[str]]]:
@@ -202,14 +223,35 @@ def _synthetic_plan(benchmark: Benchmark, spec: str, n_text: str) -> list[tuple[
         others += [by_cls[c][i] for c in sorted(by_cls) if i < len(by_cls[c])]
         i += 1
     order = first + others
-    if n > len(order):
-        never = len(benchmark.entities) - len(order)
+    in_files = set(order) | set(_task_entities(benchmark, "retain"))
+    untasked = _round_robin(benchmark, [e for e in benchmark.entities if e not in in_files])
+    extra = untasked[:max(0, len(untasked) - NEVER_REQUESTED_KEEP)]
+    largest = len(order) + len(extra)
+    if n > largest:
         raise ValueError(
-            f"stream spec {spec!r}: N = {n} requests, but this benchmark has only {len(order)} entities that can be "
-            f"requested (one request per entity, never twice; the {never} entities in no task file stay the "
-            f"never-requested retain set); the largest N is {len(order)}. Use N <= {len(order)} or a larger "
-            f"synthetic preset (SyntheticConfig.preset('medium' | 'large'))")
-    return [((e,), task_of.get(e)) for e in order[:n]]
+            f"stream spec {spec!r}: N = {n} requests, but this benchmark has only {largest} entities that can be "
+            f"requested (one request per entity, never twice: the {len(order)} entities of the task files, then "
+            f"entities of no task file as long as {NEVER_REQUESTED_KEEP} of them stay never requested); the largest N "
+            f"is {largest}. Use N <= {largest} or a larger synthetic preset (--synthetic medium | large, "
+            f"SyntheticConfig.preset('medium' | 'large'))")
+    if n > len(order):
+        never_before, never_after = len(untasked), len(untasked) - (n - len(order))
+        logger.warning("stream %r: %d requests exceed the %d entities of the task files; %d entities of no task file "
+                       "are requested too, so the never-requested retain set shrinks from %d to %d entities",
+                       spec, n, len(order), n - len(order), never_before, never_after)
+    return [((e,), task_of.get(e)) for e in (order + extra)[:n]]
 
 
-__all__ = ["Request", "build_stream", "slug", "STREAM_SPECS", "ENTITY_TASKS"]
+def _round_robin(benchmark: Benchmark, entities) -> list[str]:
+    """``entities`` ordered class by class round robin (classes sorted, names sorted within a class)."""
+    by_cls: dict[str, list[str]] = defaultdict(list)
+    for e in sorted(entities):
+        by_cls[benchmark.entities.get(e, "")].append(e)
+    out, i = [], 0
+    while any(i < len(v) for v in by_cls.values()):
+        out += [by_cls[c][i] for c in sorted(by_cls) if i < len(by_cls[c])]
+        i += 1
+    return out
+
+
+__all__ = ["Request", "build_stream", "slug", "STREAM_SPECS", "ENTITY_TASKS", "NEVER_REQUESTED_KEEP"]
