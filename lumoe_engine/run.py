@@ -122,8 +122,13 @@ def cmd_stream(args):
 
         return plan.main(["--preset", args.preset])
     from lumoe_engine import stream
+    from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
 
-    return stream.run(args)
+    try:
+        return stream.run(args)
+    except (stream.ResumeError, LedgerLockedError, LedgerCorruptError) as e:
+        # the run's files were not changed: say why and what to do, without a traceback
+        return _fail(str(e))
 
 
 def _add_gate_eval(sub) -> None:

@@ -220,6 +220,31 @@ def test_files_manifest_and_reopen(bank_dir):
         assert torch.equal(got.weights[m][1], b)
 
 
+def test_expert_files_are_byte_identical_across_processes(tmp_path):
+    """The same expert written by two processes gives the same bytes (safetensors orders its header metadata by a
+    per-process hash; the bank writes the header with sorted keys), so a resumed run and an uninterrupted one hold
+    byte-equal expert files and manifest hashes."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_bank import make_expert, Q, V, O; "
+            "from lumoe_engine.model.bank import ExpertBank; "
+            "ExpertBank(sys.argv[1]).add(make_expert(7, rank=3, modules=(Q, V, O)))")
+    digests = []
+    for run in range(3):
+        root = tmp_path / f"bank{run}"
+        subprocess.run([sys.executable, "-c", code, str(root), str(Path(__file__).parent)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(run)})
+        blob = (root / "experts" / "req-00007.safetensors").read_bytes()
+        digests.append(hashlib.sha256(blob).hexdigest())
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n])
+        assert list(header["__metadata__"]) == sorted(header["__metadata__"]), "header metadata keys sorted"
+    assert len(set(digests)) == 1, digests
+    with safe_open(str(root / "experts" / "req-00007.safetensors"), "pt") as f:
+        assert f.metadata()["id"] == "req-00007" and torch.equal(f.get_tensor(f"{Q}.lora_A.weight"),
+                                                                 make_expert(7, rank=3, modules=(Q, V, O)).weights[Q][0])
+
+
 def test_create_and_open_rules(bank_dir):
     with pytest.raises(FileNotFoundError, match="holds no expert bank"):
         ExpertBank.open(bank_dir)

@@ -214,6 +214,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header written with sorted keys (padded to 8 bytes with spaces, as
+    the format asks): safetensors serialises ``__metadata__`` from a hash map whose order changes from one process to
+    the next, so without this the same expert gives different bytes (and sha256) in two runs. Tensor offsets are
+    relative to the data section, which is left as it is."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename, fsync the folder
     (``durable=False`` skips both fsyncs: still atomic, but a power loss may lose the latest writes)."""
@@ -809,8 +820,8 @@ class ExpertBank:
             tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.contiguous()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "adapter_model.safetensors", _st_save(tensors, metadata={
-            "format": "pt", "lumoe_expert_id": ex.id, "lumoe_metadata": json.dumps(ex.metadata, sort_keys=True)}))
+        atomic_write_bytes(out / "adapter_model.safetensors", _canonical_safetensors(_st_save(tensors, metadata={
+            "format": "pt", "lumoe_expert_id": ex.id, "lumoe_metadata": json.dumps(ex.metadata, sort_keys=True)})))
         atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
         return out
 
@@ -1017,7 +1028,7 @@ class ExpertBank:
         for m, (a, b) in ex.weights.items():
             tensors[f"{m}.lora_A.weight"] = a.detach().to("cpu").contiguous()
             tensors[f"{m}.lora_B.weight"] = b.detach().to("cpu").contiguous()
-        return _st_save(tensors, metadata=header)
+        return _canonical_safetensors(_st_save(tensors, metadata=header))
 
     def _write_manifest(self, entries: Iterable[ExpertInfo]) -> None:
         doc = {"format": BANK_FORMAT, "version": BANK_FORMAT_VERSION, "experts": [
