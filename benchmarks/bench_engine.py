@@ -265,7 +265,9 @@ def bench_memory(args, tokenizer=None) -> dict:
 
 
 def bench_gate(args) -> dict:
-    """Median time of Gate.route on [B, D] features with E experts (heads fitted on random features)."""
+    """Median time of Gate.route on [B, D] features with E experts (heads fitted on random features; each expert
+    fitted on ``--gate-positives`` positives, so it keeps the gate's full n_protos = 64 similarity-bound prototypes and
+    the bound check gathers as many per query as a real request's expert does)."""
     torch.manual_seed(0)
     dim, n_exp, b = args.gate_dim, args.gate_experts, args.gate_batch
     try:
@@ -280,11 +282,13 @@ def bench_gate(args) -> dict:
         t0 = time.perf_counter()
         for e in range(n_exp):
             center = torch.randn(dim)
-            gate.add_expert(f"g{e:04d}", center + 0.1 * torch.randn(4, dim), torch.randn(8, dim))
+            gate.add_expert(f"g{e:04d}", center + 0.1 * torch.randn(args.gate_positives, dim), torch.randn(16, dim))
         build_s = time.perf_counter() - t0
         feats = torch.randn(b, dim)
         fn = lambda: gate.route(feats, top_k=1)  # noqa: E731
-        what = f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s)"
+        protos = max((len(p) for p in gate.prototypes), default=0)
+        what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
+                f"prototypes per expert in {gate.bound_width} dims)")
     for _ in range(10):
         fn()
     times = []
@@ -313,6 +317,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-batch", type=int, default=64)
     ap.add_argument("--gate-dim", type=int, default=None, help="gate feature width (default: the preset hidden)")
     ap.add_argument("--gate-repeats", type=int, default=200)
+    ap.add_argument("--gate-positives", type=int, default=96, help="positives per gate expert (96: 72 fitted after "
+                    "the calibration share, so each expert keeps the gate's full 64 similarity-bound prototypes, as "
+                    "a real request's does)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default on CPU: 1, which "
                     "gives stable numbers on a shared machine; on CUDA: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
