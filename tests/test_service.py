@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from faults import nan_for
 from lumoe_engine import run as run_mod
 from lumoe_engine import service
 from lumoe_engine.ledger import Ledger
@@ -148,19 +149,6 @@ def test_submit_process_revoke_happy_path(processed, tmp_path, capsys):
     assert rc == 0 and "ok" in out
 
 
-def _nan_for(request_id):
-    """train_expert, but the request ``request_id`` runs on a base whose logits are nan (a diverging loss)."""
-    def wrapped(model, processor, ctx, request, *args, **kw):
-        if request.id != request_id:
-            return real_train_expert(model, processor, ctx, request, *args, **kw)
-        handle = model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
-        try:
-            return real_train_expert(model, processor, ctx, request, *args, **kw)
-        finally:
-            handle.remove()
-    return wrapped
-
-
 def test_failing_requests_end_failed_and_leave_bank_and_gate_unchanged(processed, tmp_path, capsys, monkeypatch,
                                                                        cache):
     store = copy_store(processed, tmp_path / "store")
@@ -175,7 +163,7 @@ def test_failing_requests_end_failed_and_leave_bank_and_gate_unchanged(processed
     img = store / "ledger" / "images" / Path(doc["forget"][0]["image"]).name
     img.write_bytes(img.read_bytes()[:40])
     bank_before = {k: v for k, v in snapshot(store).items() if k.startswith(("bank", "gate"))}
-    monkeypatch.setattr(service, "train_expert", _nan_for("r3"))
+    monkeypatch.setattr(service, "train_expert", nan_for("r3"))
     rc, out, err = cli(capsys, "process", "--store", store, "--cache", cache, *FAST)
     assert rc == 1, out + err
     assert "r3: failed: NonFiniteLossError" in out and "r4: failed: LedgerCorruptError" in out

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from faults import nan_for
 from lumoe_engine import stream as stream_mod
 from lumoe_engine.data.streams import Request
 from lumoe_engine.eval.metrics import FORGET_FORMS, read_rows
@@ -18,7 +19,6 @@ from lumoe_engine.model.bank import ExpertBank
 from lumoe_engine.gate.gate import Gate
 from lumoe_engine.ledger import Ledger
 from lumoe_engine.unlearn import baselines as baselines_mod
-from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
 
 TEACH = {"max_steps": 20, "eval_max_records": 40, "check_every": 1000}
 
@@ -49,23 +49,10 @@ def _bad_requests(requests, bench, broken_png):
     return [a, empty, ghost, badimg, nan, b]
 
 
-def _nan_for(request_id):
-    """train_expert, but the request ``request_id`` runs on a base whose logits are nan (a diverging loss)."""
-    def wrapped(model, processor, ctx, request, *args, **kw):
-        if request.id != request_id:
-            return real_train_expert(model, processor, ctx, request, *args, **kw)
-        handle = model.lm_head.register_forward_hook(lambda m, i, o: o * float("nan"))
-        try:
-            return real_train_expert(model, processor, ctx, request, *args, **kw)
-        finally:
-            handle.remove()
-    return wrapped
-
-
 def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monkeypatch):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
-    monkeypatch.setattr(stream_mod, "train_expert", _nan_for("bad-nan"))
+    monkeypatch.setattr(stream_mod, "train_expert", nan_for("bad-nan"))
     out = tmp_path / "run"
     summary = stream_mod.run_stream(_cfg(out, cache, stream="ab"),
                                     edit_stream=lambda reqs, bench: _bad_requests(reqs, bench, broken))
