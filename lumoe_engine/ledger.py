@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from lumoe_engine.data.intake import RequestError, RequestSpec, parse_request_file
-from lumoe_engine.model.bank import _fsync_dir, atomic_write_bytes, validate_expert_id
+from lumoe_engine.fileio import atomic_write_bytes, fsync_dir, validate_expert_id
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,12 @@ class Ledger:
             new = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             if new:
-                _fsync_dir(self.dir.parent)
+                fsync_dir(self.dir.parent)
             self._lock()
             for sub in (REQUESTS_DIR, IMAGES_DIR):
                 if not (self.dir / sub).is_dir():
                     (self.dir / sub).mkdir()
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
         try:
             self._load()
         except BaseException:
@@ -519,7 +519,7 @@ class Ledger:
             new = not self.events_path.exists()
             self._fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             if new and self.durable:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         return self._fd
 
     def _append(self, rid: str, state: str, info: dict) -> None:

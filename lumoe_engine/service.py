@@ -47,7 +47,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from lumoe_engine.data.intake import RequestError, parse_request_file  # noqa: F401 (re-exported for callers)
 from lumoe_engine.ledger import Ledger, LedgerCorruptError, LedgerLockedError, UnknownRequestError
-from lumoe_engine.model.bank import atomic_write_bytes
+from lumoe_engine.fileio import atomic_write_bytes
 from lumoe_engine.unlearn.losses import NonFiniteLossError
 from lumoe_engine.unlearn.trainer import train_expert  # module attribute: tests wrap it
 

@@ -48,10 +48,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from lumoe_engine.data.mlubench import (IMAGE_TOKEN, MLUBENCH_KINDS, MLUBenchFormatError, _KeyMaker, _parse_record,
+from lumoe_engine.data.mlubench import (IMAGE_TOKEN, MLUBENCH_KINDS, MLUBenchFormatError, KeyMaker, parse_record,
                                         _qkey)
 from lumoe_engine.data.records import Benchmark, QARecord
-from lumoe_engine.model.bank import validate_expert_id
+from lumoe_engine.fileio import validate_expert_id
 from lumoe_engine.unlearn.losses import LOSSES, LossConfig
 
 REQUEST_FORMAT = "lumoe-request"
@@ -224,7 +224,7 @@ class RequestSpec:
         entity = self.entity or self.id
         cls = self.entity_class or "Unknown"
         kinds = _derive_kinds([it for _, _, it in items], self.entity_class)
-        keymaker = _KeyMaker(it.answer for _, _, it in items)
+        keymaker = KeyMaker(it.answer for _, _, it in items)
         seen: dict[tuple, int] = defaultdict(int)
         out = []
         for (split, i, it), kind in zip(items, kinds):
@@ -606,7 +606,7 @@ def _item(rec, split: str, i: int, base_dir: Path, ctx: _Ctx, cache: dict) -> QA
         as_conv["meta"] = rec["meta"]
     label = f"{ctx.label}: {split}"
     try:
-        raw = _parse_record(label, i, as_conv)  # the MLUBench loader's checks: turns, roles, <image> token, meta
+        raw = parse_record(label, i, as_conv)  # the MLUBench loader's checks: turns, roles, <image> token, meta
     except MLUBenchFormatError as e:
         msg = str(e)
         for prefix in (f"{label}: record {i} (id {as_conv['id']}): ", f"{label}: record {i}: "):

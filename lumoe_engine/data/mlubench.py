@@ -148,7 +148,7 @@ _META_TYPES = {"entity": str, "class": str, "kind": int, "phrasing": int, "form"
                "heldout_phrasing": bool, "fresh_image": bool}
 
 
-def _parse_record(path: Path, index: int, rec) -> _Raw:
+def parse_record(path: Path, index: int, rec) -> _Raw:
     where = f"{path}: record {index}"
     if not isinstance(rec, dict):
         raise MLUBenchFormatError(f"{where}: is {type(rec).__name__}; expected an object with id and conversations")
@@ -263,7 +263,7 @@ def _has(text_norm: str, key: str) -> bool:
     return bool(k) and f" {k} " in f" {text_norm} "
 
 
-class _KeyMaker:
+class KeyMaker:
     """Key facts of real MLUBench answers (see the module docstring)."""
 
     def __init__(self, answers: Iterable[str]):
@@ -334,7 +334,7 @@ def load_benchmark(root: Union[str, Path], subset: Optional[int] = None) -> Benc
     # Pass 1: parse everything.
     ent_raws: list[tuple[Path, list[_Raw]]] = []
     for f in files:
-        raws = [_parse_record(f, i, r) for i, r in enumerate(_read_json_list(f))]
+        raws = [parse_record(f, i, r) for i, r in enumerate(_read_json_list(f))]
         ids = Counter(r.rid for r in raws)
         dup = [i for i, n in ids.items() if n > 1]
         if dup:
@@ -350,7 +350,7 @@ def load_benchmark(root: Union[str, Path], subset: Optional[int] = None) -> Benc
     kinds = _KindTable()
     all_answers = [r.answer for _, raws in ent_raws for r in raws]
     all_answers += [r.answer for d in task_raws.values() for raws in d.values() for r in raws]
-    keymaker = _KeyMaker(all_answers)
+    keymaker = KeyMaker(all_answers)
     images: dict[str, tuple[str, bool]] = {}  # relative path -> (absolute path, file exists)
 
     def build(r: _Raw, uid: str, kind: int, phrasing: int, task=None, split=None) -> QARecord:
@@ -443,7 +443,7 @@ def _read_tasks(root: Path, listed: dict[str, str]) -> dict[str, dict[str, list[
         out[t] = {}
         for split in SPLITS:
             f = d[split]
-            raws = [_parse_record(f, i, r) for i, r in enumerate(_read_json_list(f))]
+            raws = [parse_record(f, i, r) for i, r in enumerate(_read_json_list(f))]
             for r in raws:
                 if r.meta:
                     r.entity, r.cls = r.meta["entity"], r.meta["class"]

@@ -50,7 +50,8 @@ from safetensors.torch import save as _st_save
 
 from lumoe_engine import ops
 from lumoe_engine.gate import features as _features
-from lumoe_engine.model.bank import UnknownExpertError, atomic_write_bytes, validate_expert_id
+from lumoe_engine.fileio import atomic_write_bytes, validate_expert_id
+from lumoe_engine.model.bank import UnknownExpertError
 
 GATE_FORMAT = "lumoe-gate"
 GATE_FORMAT_VERSION = 2  # 2: prototypes + similarity bounds; version 1 files load without bounds

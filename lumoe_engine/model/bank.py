@@ -43,9 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -57,6 +55,8 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
+from lumoe_engine.fileio import atomic_write_bytes, fsync_dir, validate_expert_id  # noqa: F401 (re-exported)
+
 BANK_FORMAT = "lumoe-expert-bank"
 BANK_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -64,7 +64,6 @@ EXPERTS_DIR = "experts"
 PEFT_PREFIX = "base_model.model."
 SLOT_CHUNK = 64
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _MODULE_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -87,19 +86,6 @@ class ExpertNotResidentError(LookupError):
 
 
 # ----------------------------------------------------------------------------------------------------------- expert
-
-def validate_expert_id(expert_id: object) -> str:
-    """Return ``expert_id`` if it is a safe expert id, else raise ValueError saying what is allowed.
-
-    Allowed: 1 to 128 characters from ``A-Z a-z 0-9 . _ -`` (so no path separator), and not ``.`` or ``..``:
-    the id is also the file name ``<id>.safetensors`` and must not escape the store.
-    """
-    if not isinstance(expert_id, str) or not _ID_RE.fullmatch(expert_id) or expert_id in (".", ".."):
-        raise ValueError(
-            f"expert id {expert_id!r} is not allowed: use 1 to 128 characters from A-Z, a-z, 0-9, '.', '_', '-' "
-            f"(no path separators, not '.' or '..')")
-    return expert_id
-
 
 @dataclass
 class Expert:
@@ -201,19 +187,6 @@ class ExpertInfo:
 
 # ------------------------------------------------------------------------------------------------------ file helpers
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _canonical_safetensors(blob: bytes) -> bytes:
     """The same safetensors file with its JSON header written with sorted keys (padded to 8 bytes with spaces, as
     the format asks): safetensors serialises ``__metadata__`` from a hash map whose order changes from one process to
@@ -223,29 +196,6 @@ def _canonical_safetensors(blob: bytes) -> bytes:
     header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     return len(header).to_bytes(8, "little") + header + blob[8 + n:]
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename, fsync the folder
-    (``durable=False`` skips both fsyncs: still atomic, but a power loss may lose the latest writes)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(path.parent)
 
 
 def _sha256(data: bytes) -> str:
@@ -752,7 +702,7 @@ class ExpertBank:
                 raise OSError(f"expert {expert_id!r} is revoked (gone from the manifest and memory) but its file "
                               f"{path} could not be deleted ({exc}); delete it by hand") from exc
             if self.durable:
-                _fsync_dir(self._experts_dir)
+                fsync_dir(self._experts_dir)
 
     def verify(self, expert_ids: Iterable[str] | None = None) -> None:
         """Check the sha256 of every (or the named) expert file; raise ExpertFileError naming each bad file."""
