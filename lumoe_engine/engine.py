@@ -17,7 +17,9 @@ output. ``score`` runs the same routing over prompt + answer (teacher forcing) a
 
 Gate interface (``lumoe_engine.gate``): ``gate.layer`` (int L), ``gate.expert_ids`` (list of str: the expert of each
 gate index), ``gate.pool(hidden [B, S, D], attention_mask [B, S]) -> [B, D']``, ``gate.route(features [B, D']) ->
-(weights [B, k] fp32, ids [B, k] int, -1 = none)``, called with ``top_k=`` when its signature has that parameter.
+(weights [B, k] fp32, ids [B, k] int, -1 = none)``, called with ``top_k=`` when its signature has that parameter,
+and with ``input_ids=`` / ``attention_mask=`` (the prompts and their positions: the gate's name channel) when it has
+``input_ids``.
 
 Letters: B queries, S prompt positions, D hidden size, k experts per query.
 """
@@ -73,6 +75,7 @@ class _Pending:
 
     prompt_mask: torch.Tensor   # [B, S] 1 on prompt tokens (what the gate pools)
     token_mask: torch.Tensor    # [B, S] 1 on real tokens (what experts apply to)
+    input_ids: Optional[torch.Tensor] = None  # [B, S] the prompts (the gate's name channel)
     decisions: Optional[list[RoutingDecision]] = None
 
 
@@ -137,10 +140,12 @@ class LUMoEEngine:
                                   block_m=block_m)
             self._owns_wrap = True
         self._pending: Optional[_Pending] = None
-        self._route_takes_top_k = False
+        self._route_takes_top_k = self._route_takes_ids = False
         if gate is not None:
             try:
-                self._route_takes_top_k = "top_k" in inspect.signature(gate.route).parameters
+                params = inspect.signature(gate.route).parameters
+                self._route_takes_top_k = "top_k" in params
+                self._route_takes_ids = "input_ids" in params
             except (TypeError, ValueError):  # builtins without a signature
                 pass
         self._hook = decoder[gate_layer].register_forward_hook(self._gate_hook) if gate is not None else None
@@ -219,7 +224,8 @@ class LUMoEEngine:
             batch["pixel_values"] = batch["pixel_values"].to(self._float_dtype())
         return batch
 
-    def _route(self, given, attention_mask: torch.Tensor, prompt_mask: torch.Tensor) -> Optional[list]:
+    def _route(self, given, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
+               input_ids: Optional[torch.Tensor] = None) -> Optional[list]:
         """Set the context for the next forward: explicit routing now (returns its decisions), or gate routing at
         the prefill hook (returns None; the hook fills the decisions), or none."""
         self.ctx.clear()
@@ -230,7 +236,7 @@ class LUMoEEngine:
             self.ctx.set_routing(slots, weights, token_mask=attention_mask)
             return decisions
         if self.gate is not None:
-            self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask)
+            self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask, input_ids=input_ids)
             return None
         return [RoutingDecision((), (), "none")] * batch
 
@@ -250,7 +256,7 @@ class LUMoEEngine:
         batch = self._batch(images, prompts)
         batch.pop("position_ids")  # generate derives the same positions from the attention mask
         am = batch["attention_mask"]
-        decisions = self._route(given, am, am)
+        decisions = self._route(given, am, am, batch["input_ids"])
         tok = self.tokenizer
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -276,7 +282,7 @@ class LUMoEEngine:
         labels = batch.pop("labels")
         am = batch["attention_mask"]
         prompt_mask = am * (labels == IGNORE).to(am.dtype)
-        decisions = self._route(given, am, prompt_mask)
+        decisions = self._route(given, am, prompt_mask, batch["input_ids"])
         try:
             logits = self.model(**batch).logits
         finally:
@@ -299,10 +305,10 @@ class LUMoEEngine:
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
         features = self.gate.pool(hidden, pending.prompt_mask)
-        if self._route_takes_top_k:
-            weights, ids = self.gate.route(features, top_k=self.top_k)
-        else:
-            weights, ids = self.gate.route(features)
+        kw = {"top_k": self.top_k} if self._route_takes_top_k else {}
+        if self._route_takes_ids and pending.input_ids is not None:
+            kw.update(input_ids=pending.input_ids, attention_mask=pending.prompt_mask)
+        weights, ids = self.gate.route(features, **kw)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
         slots, w, decisions = self._gate_routing(weights, ids)
         pending.decisions = decisions

@@ -484,7 +484,7 @@ def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, d
     request's final state."""
     from lumoe_engine.data.streams import Request
     from lumoe_engine.model.bank import lora_bytes
-    from lumoe_engine.stream import _gate_training_set
+    from lumoe_engine.stream import _gate_training_set, request_names
     from lumoe_engine.unlearn.losses import LossConfig
 
     t0 = time.perf_counter()
@@ -531,7 +531,8 @@ def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, d
                 negatives_src.append(Request(id="_general", forget=[], retain=pool, entities=()))
             positives, negatives, groups = _gate_training_set(req, learned, negatives_src + [req], scfg)
             report = gate.add_expert(rid, features(positives), features(negatives),
-                                     **({"pos_groups": groups} if groups else {}))
+                                     **({"pos_groups": groups} if groups else {}),
+                                     names=request_names(req, engine.processor))
             try:
                 gate.save(store.gate_dir)
             except BaseException:

@@ -103,6 +103,8 @@ class StreamConfig:
     gate_negatives: the negatives of a new head besides the forget queries of the requests learned before:
         "stream" = the retain queries of every request of the stream (the operator's retain data, known from the
         start), "seen" = only those of the requests arrived so far. Never-requested entities are never seen.
+    gate_names: the gate's name channel: a query whose prompt names an entity of a request goes to its expert
+        (``Gate.add_expert(names=...)``; off: the pooled features alone decide).
     threads: torch intra-op threads (None = torch's default; 1 is much faster on a machine shared by several jobs).
     teach_overrides: TeachConfig fields (tests: a short teaching budget).
     resume: continue the run in ``out`` (``check_resumable``: same config but ``RESUME_IGNORED``).
@@ -139,6 +141,7 @@ class StreamConfig:
     gate_head: Optional[str] = None
     target_fpr: float = 0.005
     gate_negatives: str = "stream"
+    gate_names: bool = True
     threads: Optional[int] = None
     teach_overrides: dict = field(default_factory=dict)
     progress: bool = True
@@ -590,7 +593,8 @@ def _run_lumoe(method, model, processor, bench, requests, evaluator, writer, cfg
                     rec["features"] = True
                     if rid not in gate:
                         try:
-                            gate.add_expert(rid, pos, neg, **({"pos_groups": groups} if groups else {}))
+                            gate.add_expert(rid, pos, neg, **({"pos_groups": groups} if groups else {}),
+                                            names=request_names(req, processor) if cfg.gate_names else None)
                         except Exception:
                             bank.remove(rid)  # nothing of a failed request stays in the bank
                             raise
@@ -671,6 +675,15 @@ def _new_gate(cfg: StreamConfig, model):
     if head is not None and "head" in inspect.signature(Gate).parameters:
         kw["head"] = head
     return Gate(**kw)
+
+
+def request_names(req: Request, processor) -> list[list[int]]:
+    """The gate's name-channel token sequences of a request: the names of the entities it forgets (its
+    ``entities``, else those of its forget records), as the processor's tokenizer writes them inside a prompt."""
+    from lumoe_engine.gate.gate import name_token_ids
+
+    names = list(dict.fromkeys(list(req.entities) or [r.entity for r in req.forget]))
+    return name_token_ids(processor, [n for n in names if n and n.strip()])
 
 
 def _gate_training_set(req: Request, learned: list, requests: list, cfg: StreamConfig):
@@ -1355,6 +1368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--target-fpr", type=float, default=d.target_fpr)
     g.add_argument("--gate-negatives", default=d.gate_negatives, choices=("stream", "seen"),
                    help="retain queries a new gate head sees: of every request of the stream, or of those so far")
+    g.add_argument("--no-gate-names", action="store_true",
+                   help="no name channel: a query naming a forgotten entity is routed by its pooled features alone")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--teach", action="append", default=[], metavar="FIELD=VALUE",
                    help="a TeachConfig field for the taught base, e.g. --teach time_budget_s=120 (repeatable)")
@@ -1379,7 +1394,8 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
                         alpha=get("alpha"), batch_size=get("batch_size"), loss=get("loss"),
                         retain_weight=get("retain_weight"), zero_stage=get("zero_stage"),
                         gate_layer=get("gate_layer"), target_fpr=get("target_fpr"),
-                        gate_negatives=get("gate_negatives"), threads=get("threads"),
+                        gate_negatives=get("gate_negatives"), gate_names=not getattr(args, "no_gate_names", False),
+                        threads=get("threads"),
                         teach_overrides=_parse_overrides(getattr(args, "teach", None) or []),
                         progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))
 

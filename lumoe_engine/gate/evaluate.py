@@ -164,7 +164,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                     extra: Optional[dict] = None, recipe: Recipe = Recipe(counterfactuals=False, augment=0,
                                                                          sub_heads=False),
                     similarity: Optional[float] = None, n_protos: Optional[int] = None,
-                    sim_quantile: Optional[float] = -1.0, bound_dim: Optional[int] = -1) -> tuple[Gate, dict]:
+                    sim_quantile: Optional[float] = -1.0, bound_dim: Optional[int] = -1,
+                    prompts: Optional[dict] = None, names: Optional[dict] = None) -> tuple[Gate, dict]:
     """Build the gate of one setting request after request from precomputed features, then measure it.
 
     feats: [N, D] features of every record; index: record uid -> row of feats.
@@ -176,12 +177,16 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
         counterfactual negatives of each forget entity (used as the recipe says).
     similarity / n_protos / sim_quantile / bound_dim: the gate's similarity bound (``Gate``; None / -1: the
         ``DEFAULT_*`` values; similarity ``NO_BOUND``: no similarity bound).
+    prompts / names: the name channel (``Gate``): {uid: prompt token ids [S]} of every record and {entity: token-id
+        sequences of its name} (``prompt_ids``, ``gate.name_token_ids``); both or neither (then features alone route).
     returns (gate, metrics dict)
     """
     if negatives not in ("seen", "all"):
         raise ValueError(f"negatives={negatives!r}: expected 'seen' (lifelong) or 'all' (offline upper bound)")
     if retain_pool not in ("seen", "all"):
         raise ValueError(f"retain_pool={retain_pool!r}: expected 'all' (general pool) or 'seen' (tasks so far)")
+    if (prompts is None) != (names is None):
+        raise ValueError("prompts and names: pass both (the name channel) or neither")
     if (recipe.counterfactuals or recipe.augment) and extra is None:
         raise ValueError(f"recipe {recipe.name()} needs extra features (counterfactual / augmented queries)")
     rows = lambda recs: feats[[index[r.uid] for r in recs]]  # noqa: E731
@@ -213,7 +218,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                 neg.append(extra["neg"][e])
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
-                        pos_groups=labels if recipe.sub_heads and len(ents) > 1 else None)
+                        pos_groups=labels if recipe.sub_heads and len(ents) > 1 else None,
+                        names=[q for e in ents for q in names[e]] if names is not None else None)
         t_add.append(time.perf_counter() - t0)
 
     expert_of = {e: eid for eid, _, ents in reqs for e in ents}
@@ -230,7 +236,13 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     def top1(recs):
         if not recs:
             return []
-        _, ids = gate.route(rows(recs), 1)
+        kw = {}
+        if prompts is not None and names is not None:
+            seqs = [prompts[r.uid] for r in recs]
+            S = max(len(q) for q in seqs)
+            kw["input_ids"] = torch.stack([torch.nn.functional.pad(q, (0, S - len(q))) for q in seqs])
+            kw["attention_mask"] = torch.stack([torch.arange(S) < len(q) for q in seqs]).long()
+        _, ids = gate.route(rows(recs), 1, **kw)
         return [gate.expert_ids[i] if i >= 0 else None for i in ids[:, 0].tolist()]
 
     m: dict = {"n_experts": len(gate)}
@@ -320,6 +332,30 @@ def extra_features(model, processor, sets: dict, layer: int, pooling: str, recip
     return out, counts
 
 
+def prompt_ids(processor, records: Sequence[QARecord], batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """{uid: the prompt's token ids [S] (no padding)} as the engine batches them (``collate``, prompts only); image
+    records carry their image placeholder tokens (the image itself is not loaded)."""
+    from PIL import Image
+
+    from lumoe_engine.model.collate import collate
+
+    blank = Image.new("RGB", (8, 8))
+    out: dict[str, torch.Tensor] = {}
+    for s in range(0, len(records), batch_size):
+        chunk = list(records[s:s + batch_size])
+        b = collate(chunk, processor, with_answers=False, image_fn=lambda r: blank)
+        for r, ids, m in zip(chunk, b["input_ids"], b["attention_mask"]):
+            out[r.uid] = ids[m.bool()].clone()
+    return out
+
+
+def entity_names(processor, sets: dict) -> dict[str, list[list[int]]]:
+    """{forget entity: token-id sequences of its name} (``gate.name_token_ids``) for the name channel."""
+    from lumoe_engine.gate.gate import name_token_ids
+
+    return {e: name_token_ids(processor, [e]) for t in sets["tasks"] for e in sets["forget"][t]}
+
+
 def _headline(m: dict) -> dict:
     return {k: m[k] for k in ("route_acc_image_text", "route_acc_text_only", "route_acc_fresh_images",
                               "route_acc_paraphrase", "fpr_retain", "fpr_unrequested", "wrong_expert",
@@ -330,12 +366,14 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
               head: Optional[str] = None, recipe: Optional[Recipe] = None, sweep: bool = True,
               target_fpr: float = 0.001, retain_eval_share: float = 0.3, negatives: str = "seen",
               retain_pool: str = "all", batch_size: int = 64, seed: int = 0, progress: bool = True,
-              similarity: Optional[float] = None, n_protos: Optional[int] = None) -> dict:
+              similarity: Optional[float] = None, n_protos: Optional[int] = None, names: bool = True) -> dict:
     """Run the gate evaluation (module docstring) and write ``out_dir/gate_summary.json``; returns the summary.
 
     layer / pooling / head / recipe: the gate configuration evaluated in both settings (defaults ``DEFAULT_*``).
     sweep: also measure, with the plain recipe (no extra queries), every (layer, pooling, head), and, at the chosen
-    layer / pooling / head, every recipe variant; each row is reported (``"sweep"``, ``"recipes"``).
+    layer / pooling / head, every recipe variant; each row is reported (``"sweep"``, ``"recipes"``). The sweep rows
+    route by features alone; the chosen configuration with ``names`` (default) also uses the name channel (each
+    forget entity's name; ``Gate``), and the sweep reports it without the name channel too.
     """
     from lumoe_engine.model.teach import TeachConfig, default_cache_dir, load_data, teach
 
@@ -377,17 +415,20 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
 
     common = dict(target_fpr=target_fpr, negatives=negatives, retain_pool=retain_pool, seed=seed,
                   similarity=similarity, n_protos=n_protos)
+    channel = dict(prompts=prompt_ids(processor, records), names=entity_names(processor, sets)) if names else {}
     summary: dict = {"config": {"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
                                 "target_fpr": target_fpr, "retain_eval_share": retain_eval_share,
                                 "negatives": negatives, "retain_pool": retain_pool, "seed": seed,
                                 "n_layers": n_layers, "extra_queries": extra_counts,
                                 "similarity": _bound(similarity), "bound_dim": DEFAULT_BOUND_DIM,
                                 "sim_quantile": DEFAULT_SIM_QUANTILE,
-                                "n_protos": DEFAULT_N_PROTOS if n_protos is None else n_protos},
+                                "n_protos": DEFAULT_N_PROTOS if n_protos is None else n_protos,
+                                "name_channel": bool(names)},
                      "targets": TARGETS}
     X = feats[(layer, pooling)]
     for setting in SETTINGS:
-        gate, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe, **common)
+        gate, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe, **common,
+                                  **channel)
         summary[setting] = m
         gate.save(out / f"gate_{setting}")
         if progress:
@@ -404,6 +445,14 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
                     print(json.dumps(rows[-1]), flush=True)
         summary["sweep"] = rows
         rrows = []
+        if names:
+            for setting in SETTINGS:
+                _, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe,
+                                       **common)
+                rrows.append({"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
+                              "name_channel": False, "setting": setting, **_headline(m)})
+                if progress:
+                    print(json.dumps(rrows[-1]), flush=True)
         for sim in (NO_BOUND,):
             for setting in SETTINGS:
                 _, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe,
@@ -471,6 +520,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"cosine bound of the similarity check (default {DEFAULT_SIMILARITY}; {NO_BOUND}: none)")
     parser.add_argument("--n-protos", type=int, default=None,
                         help=f"prototypes per positive group for the bound (default {DEFAULT_N_PROTOS})")
+    parser.add_argument("--no-names", action="store_true",
+                        help="no name channel: route by the pooled features alone")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -483,7 +534,7 @@ def run(args: argparse.Namespace) -> dict:
                   recipe=recipe,
                   sweep=not args.no_sweep, target_fpr=args.target_fpr, retain_eval_share=args.retain_eval_share,
                   negatives=args.negatives, retain_pool=args.retain_pool, batch_size=args.batch_size, seed=args.seed,
-                  similarity=args.similarity, n_protos=args.n_protos)
+                  similarity=args.similarity, n_protos=args.n_protos, names=not args.no_names)
     for setting in SETTINGS:
         head = {k: s[setting][k] for k in ("n_experts", "route_acc_image_text", "route_acc_text_only",
                                            "route_acc_fresh_images", "route_acc_paraphrase", "fpr_retain",
