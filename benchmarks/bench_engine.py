@@ -265,9 +265,12 @@ def bench_memory(args, tokenizer=None) -> dict:
 
 
 def bench_gate(args) -> dict:
-    """Median time of Gate.route on [B, D] features with E experts (heads fitted on random features; each expert
+    """Median time of Gate.route on [B, D + 2 D] features with E experts (heads fitted on random features; each expert
     fitted on ``--gate-positives`` positives, so it keeps the gate's full n_protos = 64 similarity-bound prototypes and
-    the bound check gathers as many per query as a real request's expert does)."""
+    the bound check gathers as many per query as a real request's expert does; the image channel on, each expert with
+    ``--gate-pictures`` distinct pictures among its positives, the image space fitted on enough pictures to take its
+    full 128 directions). The batch mixes queries with an image (``--gate-image-share``: the image channel routes them)
+    and without (the heads and the bound); the all-image and all-text batches are timed too."""
     torch.manual_seed(0)
     dim, n_exp, b = args.gate_dim, args.gate_experts, args.gate_batch
     try:
@@ -277,27 +280,55 @@ def bench_gate(args) -> dict:
         feats = torch.randn(b, dim)
         fn = lambda: ops.topk_routing(feats @ head.T, 1, scoring="sigmoid", threshold=0.5)  # noqa: E731
         what = f"linear head + ops.topk_routing (lumoe_engine.gate unavailable: {exc})"
+        others = {}
     else:
-        gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5)
+        gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5, image_dim=2 * dim, image_token_id=0)
+        P = args.gate_pictures
+        gate.fit_standardizer(torch.cat([torch.randn(512, dim), torch.randn(512, 2 * dim)], 1))
+        retain = torch.randn(args.gate_background, 2 * dim)  # the operator's retain pictures: a shared pool
         t0 = time.perf_counter()
         for e in range(n_exp):
-            center = torch.randn(dim)
-            gate.add_expert(f"g{e:04d}", center + 0.1 * torch.randn(args.gate_positives, dim), torch.randn(16, dim))
+            center, pics = torch.randn(dim), torch.randn(P, 2 * dim)
+            n_img = args.gate_positives // 2
+            img = torch.cat([pics.repeat(n_img // P + 1, 1)[:n_img], torch.zeros(args.gate_positives - n_img, 2 * dim)])
+            pos = torch.cat([center + 0.1 * torch.randn(args.gate_positives, dim), img], 1)
+            drawn = retain[torch.randint(len(retain), (4,))]
+            neg = torch.cat([torch.randn(16, dim), torch.cat([drawn, torch.zeros(12, 2 * dim)])], 1)
+            gate.add_expert(f"g{e:04d}", pos, neg)
         build_s = time.perf_counter() - t0
-        feats = torch.randn(b, dim)
-        fn = lambda: gate.route(feats, top_k=1)  # noqa: E731
+        feats = torch.cat([torch.randn(b, dim), torch.randn(b, 2 * dim)], 1)
+        n_img = int(round(b * args.gate_image_share))
+        mixed = feats.clone()
+        mixed[n_img:, dim:] = 0
+        text = feats.clone()
+        text[:, dim:] = 0
+        fn = lambda: gate.route(mixed, top_k=1)  # noqa: E731
         protos = max((len(p) for p in gate.prototypes), default=0)
+        pics = max((len(p) for p in gate.image_prototypes), default=0)
         what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
-                f"prototypes per expert in {gate.bound_width} dims)")
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(args.gate_repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"gate_ms": 1e3 * statistics.median(times), "gate_ms_p90": 1e3 * float(np.percentile(times, 90)),
-            "experts": n_exp, "batch": b, "dim": dim, "what": what}
+                f"prototypes per expert in {gate.bound_width} dims; image channel with {pics} pictures per expert "
+                f"in {gate.image_width} dims, {len(gate.image_background)} background pictures; {n_img} of {b} "
+                f"queries with an image)")
+        others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1),
+                  "gate_ms_no_images": lambda: gate.route(text, top_k=1)}
+    def timed(f):
+        for _ in range(10):
+            f()
+        times = []
+        for _ in range(args.gate_repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return times
+
+    times = timed(fn)
+    out = {"gate_ms": 1e3 * statistics.median(times), "gate_ms_p90": 1e3 * float(np.percentile(times, 90)),
+           "experts": n_exp, "batch": b, "dim": dim, "what": what}
+    for key, f in others.items():
+        out[key] = 1e3 * statistics.median(timed(f))
+    if others:
+        out["image_share"] = args.gate_image_share
+    return out
 
 
 def main(argv=None) -> int:
@@ -317,6 +348,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-batch", type=int, default=64)
     ap.add_argument("--gate-dim", type=int, default=None, help="gate feature width (default: the preset hidden)")
     ap.add_argument("--gate-repeats", type=int, default=200)
+    ap.add_argument("--gate-pictures", type=int, default=6, help="distinct pictures per gate expert (the image "
+                    "channel's prototypes; 6 per entity on the embedded default)")
+    ap.add_argument("--gate-image-share", type=float, default=0.5, help="share of the timed batch with an image")
+    ap.add_argument("--gate-background", type=int, default=256, help="distinct retain pictures the experts' "
+                    "negatives are drawn from (the image channel's background)")
     ap.add_argument("--gate-positives", type=int, default=96, help="positives per gate expert (96: 72 fitted after "
                     "the calibration share, so each expert keeps the gate's full 64 similarity-bound prototypes, as "
                     "a real request's does)")
@@ -352,7 +388,9 @@ def main(argv=None) -> int:
           f"{mem['capacity_before']} -> {mem['capacity_after']} slots", flush=True)
     print("gate:", flush=True)
     gate = bench_gate(args)
-    print(f"  {gate['what']}: {gate['gate_ms']:.3f} ms median", flush=True)
+    print(f"  {gate['what']}: {gate['gate_ms']:.3f} ms median" +
+          (f" (all with an image {gate['gate_ms_all_images']:.3f} ms, none {gate['gate_ms_no_images']:.3f} ms)"
+           if "gate_ms_all_images" in gate else ""), flush=True)
 
     summary = {}
     for n, r in thr.items():
@@ -365,12 +403,18 @@ def main(argv=None) -> int:
     summary["rss_over_lora"] = mem["rss_over_lora"]
     summary["rss_bytes_per_expert_trimmed"] = mem["rss_bytes_per_expert_trimmed"]
     summary[f"gate_ms_{args.gate_experts}_experts_b{args.gate_batch}"] = gate["gate_ms"]
+    for key in ("gate_ms_all_images", "gate_ms_no_images"):
+        if key in gate:
+            summary[f"{key}_{args.gate_experts}_experts_b{args.gate_batch}"] = gate[key]
     rows += [{"metric": "rss_bytes_per_expert", "provider": "bank", "experts": mem["experts_measured"],
               "value": round(mem["rss_bytes_per_expert"], 1), "unit": "bytes"},
              {"metric": "lora_bytes_per_expert", "provider": "bank", "experts": mem["experts_measured"],
               "value": mem["lora_bytes_per_expert"], "unit": "bytes"},
              {"metric": f"gate_ms_b{args.gate_batch}", "provider": "gate", "experts": args.gate_experts,
               "value": round(gate["gate_ms"], 4), "unit": "ms"}]
+    rows += [{"metric": f"{key}_b{args.gate_batch}", "provider": "gate", "experts": args.gate_experts,
+              "value": round(gate[key], 4), "unit": "ms"} for key in ("gate_ms_all_images", "gate_ms_no_images")
+             if key in gate]
     import peft
     import transformers
 

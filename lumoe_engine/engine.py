@@ -19,7 +19,7 @@ Gate interface (``lumoe_engine.gate``): ``gate.layer`` (int L), ``gate.expert_id
 gate index), ``gate.pool(hidden [B, S, D], attention_mask [B, S]) -> [B, D']``, ``gate.route(features [B, D']) ->
 (weights [B, k] fp32, ids [B, k] int, -1 = none)``, called with ``top_k=`` when its signature has that parameter,
 and with ``input_ids=`` / ``attention_mask=`` (the prompts and their positions: the gate's name channel) when it has
-``input_ids``.
+``input_ids``; ``gate.pool`` likewise gets ``input_ids=`` (the image positions of the gate's image channel).
 
 Letters: B queries, S prompt positions, D hidden size, k experts per query.
 """
@@ -140,12 +140,13 @@ class LUMoEEngine:
                                   block_m=block_m)
             self._owns_wrap = True
         self._pending: Optional[_Pending] = None
-        self._route_takes_top_k = self._route_takes_ids = False
+        self._route_takes_top_k = self._route_takes_ids = self._pool_takes_ids = False
         if gate is not None:
             try:
                 params = inspect.signature(gate.route).parameters
                 self._route_takes_top_k = "top_k" in params
                 self._route_takes_ids = "input_ids" in params
+                self._pool_takes_ids = "input_ids" in inspect.signature(gate.pool).parameters
             except (TypeError, ValueError):  # builtins without a signature
                 pass
         self._hook = decoder[gate_layer].register_forward_hook(self._gate_hook) if gate is not None else None
@@ -304,7 +305,10 @@ class LUMoEEngine:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
-        features = self.gate.pool(hidden, pending.prompt_mask)
+        if self._pool_takes_ids and pending.input_ids is not None:
+            features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
+        else:
+            features = self.gate.pool(hidden, pending.prompt_mask)
         kw = {"top_k": self.top_k} if self._route_takes_top_k else {}
         if self._route_takes_ids and pending.input_ids is not None:
             kw.update(input_ids=pending.input_ids, attention_mask=pending.prompt_mask)

@@ -59,7 +59,8 @@ STORE_JSON = "store.json"
 LEDGER_DIR, BANK_DIR, GATE_DIR, WORK_LOCK = "ledger", "bank", "gate", "work.lock"
 # The expert loss a request without "loss" gets: the stream's LUMoE default (idk, no retain term; see stream.py).
 DEFAULT_LOSS = {"name": "idk", "retain_weight": 0.0, "beta": 0.1}
-DEFAULT_TRAIN = {"steps": 30, "lr": 1e-2, "rank": 8, "alpha": 16.0, "batch_size": 16, "seed": 0}
+COLLAPSE_CHECK_TOKENS = 16  # answer length of the collapse guard's check (stream.collapse_check)
+DEFAULT_TRAIN = {"steps": 40, "lr": 1e-2, "rank": 8, "alpha": 16.0, "batch_size": 16, "seed": 0}
 # layer / pooling / head None = the gate evaluation's defaults (stream._new_gate); general_negatives: queries of the
 # taught benchmark's other entities added to every head's negatives (0 = none; only for the embedded taught base).
 DEFAULT_GATE = {"layer": None, "pooling": None, "head": None, "target_fpr": 0.005, "seed": 0,
@@ -484,7 +485,7 @@ def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, d
     request's final state."""
     from lumoe_engine.data.streams import Request
     from lumoe_engine.model.bank import lora_bytes
-    from lumoe_engine.stream import _gate_training_set, request_names
+    from lumoe_engine.stream import ExpertCollapseError, _gate_training_set, collapse_check, request_names
     from lumoe_engine.unlearn.losses import LossConfig
 
     t0 = time.perf_counter()
@@ -515,6 +516,8 @@ def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, d
         else:
             expert, stats = train_expert(engine.model, engine.processor, engine.ctx, req, loss_cfg, train_cfg,
                                          method="lumoe")
+            # the collapse guard, as in the stream: babble on the expert's own queries -> failed, nothing saved
+            collapse_check(engine.model, engine.processor, engine.ctx, expert, req, COLLAPSE_CHECK_TOKENS)
             expert.metadata["content_hash"] = spec.content_hash
             bank.add(expert)  # atomic: file, then manifest
             info = {"bytes": lora_bytes(expert), "train_seconds": stats["seconds"], "loss": stats["final"]["loss"],
@@ -545,7 +548,7 @@ def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, d
             led.advance(rid, "gate_updated", seconds=round(time.perf_counter() - t0, 3), **extra)
         out(f"{rid}: gate_updated ({time.perf_counter() - t0:.1f} s)")
         return "gate_updated"
-    except (RequestError, LedgerCorruptError, NonFiniteLossError, ValueError, OSError) as exc:
+    except (RequestError, LedgerCorruptError, NonFiniteLossError, ExpertCollapseError, ValueError, OSError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if rid in gate:  # added in memory (save failed) or saved: the gate goes back to its state before
             saved = rid in _expert_ids_on_disk(store)[1]

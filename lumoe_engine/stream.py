@@ -96,7 +96,9 @@ class StreamConfig:
     steps / rank / alpha / batch_size: the budget of every request, the same for every method; lr: LUMoE's expert
         learning rate; baseline_lr: the baselines' (NOTE: at LUMoE's 1e-2 every baseline falls to retain ratio 0.0
         after the first request on the embedded default; at 1e-3 they trade forgetting against retain; 2e-4 forgets
-        nothing in 30 steps: measured).
+        nothing in 30 steps: measured). 40 steps: at 30, with the gate routing every forget query right, two
+        text-only queries of task A (seed 0) still answered the first word of a two-word fact ("Lost" for "Lost
+        submarine": leak 0.033); at 40 and 60 none leaked (seeds 0 and 1; seed 1 leaked nothing at 30 either).
     loss: LUMoE's expert loss; retain_weight / beta: its LossConfig (the baselines keep the paper's: retain terms on,
         weight 1).
     gate_layer / gate_pooling / gate_head / target_fpr: the gate (None = the gate evaluation's defaults).
@@ -105,6 +107,8 @@ class StreamConfig:
         start), "seen" = only those of the requests arrived so far. Never-requested entities are never seen.
     gate_names: the gate's name channel: a query whose prompt names an entity of a request goes to its expert
         (``Gate.add_expert(names=...)``; off: the pooled features alone decide).
+    gate_image: the gate's image channel: a query with an image is routed by its image (nearest image prototype of
+        the experts, ``Gate``); off: by the heads over the pooled prompt, as a query without an image.
     threads: torch intra-op threads (None = torch's default; 1 is much faster on a machine shared by several jobs).
     teach_overrides: TeachConfig fields (tests: a short teaching budget).
     resume: continue the run in ``out`` (``check_resumable``: same config but ``RESUME_IGNORED``).
@@ -126,7 +130,7 @@ class StreamConfig:
     max_per_set: int = DEFAULT_MAX_PER_SET
     eval_batch_size: int = 64
     max_new_tokens: int = 0
-    steps: int = 30
+    steps: int = 40
     lr: float = 1e-2
     baseline_lr: float = 1e-3
     rank: int = 8
@@ -142,6 +146,7 @@ class StreamConfig:
     target_fpr: float = 0.005
     gate_negatives: str = "stream"
     gate_names: bool = True
+    gate_image: bool = True
     threads: Optional[int] = None
     teach_overrides: dict = field(default_factory=dict)
     progress: bool = True
@@ -658,7 +663,7 @@ def dist_world() -> int:
 def _new_gate(cfg: StreamConfig, model):
     """A Gate at the configured (or the gate evaluation's default) layer, pooling and head."""
     from lumoe_engine.gate import evaluate as gate_eval
-    from lumoe_engine.gate.features import decoder_layers, pooled_dim
+    from lumoe_engine.gate.features import decoder_layers, image_token_id_of, pooled_dim
     from lumoe_engine.gate.gate import Gate
 
     n_layers = len(decoder_layers(model))
@@ -674,6 +679,9 @@ def _new_gate(cfg: StreamConfig, model):
     head = cfg.gate_head or getattr(gate_eval, "DEFAULT_HEAD", None)
     if head is not None and "head" in inspect.signature(Gate).parameters:
         kw["head"] = head
+    image_id = image_token_id_of(model)
+    if cfg.gate_image and image_id is not None:  # the image channel (Gate): [mean, max] of layer L's image states
+        kw.update(image_dim=2 * hidden, image_token_id=image_id)
     return Gate(**kw)
 
 
@@ -731,7 +739,8 @@ class _FeatureCache:
 
         missing = _dedupe([r for r in records if r.uid not in self.cache])
         if missing:
-            f = base_features(self.model, self.processor, missing, self.gate.layer, pooling=self.gate.pooling)
+            f = base_features(self.model, self.processor, missing, self.gate.layer, pooling=self.gate.pooling,
+                              image=bool(getattr(self.gate, "image_dim", 0)))
             self.cache.update((r.uid, row) for r, row in zip(missing, f))
         return torch.stack([self.cache[r.uid] for r in records])
 
@@ -1368,6 +1377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--target-fpr", type=float, default=d.target_fpr)
     g.add_argument("--gate-negatives", default=d.gate_negatives, choices=("stream", "seen"),
                    help="retain queries a new gate head sees: of every request of the stream, or of those so far")
+    g.add_argument("--no-gate-image", action="store_true",
+                   help="no image channel: a query with an image is routed by the heads over its pooled prompt")
     g.add_argument("--no-gate-names", action="store_true",
                    help="no name channel: a query naming a forgotten entity is routed by its pooled features alone")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -1395,6 +1406,7 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
                         retain_weight=get("retain_weight"), zero_stage=get("zero_stage"),
                         gate_layer=get("gate_layer"), target_fpr=get("target_fpr"),
                         gate_negatives=get("gate_negatives"), gate_names=not getattr(args, "no_gate_names", False),
+                        gate_image=not getattr(args, "no_gate_image", False),
                         threads=get("threads"),
                         teach_overrides=_parse_overrides(getattr(args, "teach", None) or []),
                         progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))

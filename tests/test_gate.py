@@ -342,11 +342,11 @@ def test_gate_on_micro_features_routes_seen_entities(micro):
 # ------------------------------------------------------------------------------------------ taught default (slow)
 @pytest.mark.slow
 def test_gate_eval_on_taught_default(tmp_path):
-    """The gate evaluation on the taught embedded default (teaches on first use: minutes). Bounds: what the default
-    gate (linear heads + similarity bound) measured here on the word-tokenizer taught model, per_task / per_entity:
-    route_acc image+text 0.997 / 0.979, text-only 0.984 / 1.0, fresh images 0.995 / 0.959, paraphrase 0.62 / 0.57,
-    fpr_retain 0.008 / 0.006, fpr_unrequested 0.125 / 0.121, with some slack. The paraphrase and never-requested
-    targets are NOT met (see evaluate.py's notes on the defaults); these bounds guard against regressions only."""
+    """The gate evaluation on the taught embedded default (teaches on first use: minutes): the default gate (heads +
+    similarity bound for queries without an image, the image channel for queries with one, the name channel) meets
+    every target of the issue in both settings. Measured here, per_task / per_entity: route_acc image+text 1.0 / 1.0,
+    text-only 1.0 / 1.0, paraphrase 0.972 / 0.977 (fresh images 0.875 / 0.9: not a target), fpr_retain 0.0 / 0.0,
+    fpr_unrequested 0.0039 / 0.0058."""
     from lumoe_engine.gate.evaluate import TARGETS, gate_eval
 
     s = gate_eval(tmp_path, sweep=False, progress=False)
@@ -358,9 +358,8 @@ def test_gate_eval_on_taught_default(tmp_path):
         m = s[setting]
         print(setting, {k: m[k] for k in TARGETS})
         assert m["n_experts"] == (4 if setting == "per_task" else 20)
-        assert m["route_acc_image_text"] >= 0.96 and m["route_acc_text_only"] >= 0.96
-        assert m["route_acc_paraphrase"] >= 0.5 and m["route_acc_fresh_images"] >= 0.93
-        assert m["fpr_retain"] <= 0.015 and m["fpr_unrequested"] <= 0.16
+        assert m["meets_targets"], {k: m[k] for k in TARGETS}
+        assert m["route_acc_fresh_images"] >= 0.85 and m["wrong_expert"] == 0
 
 
 @pytest.mark.parametrize("head", ["linear", "quadratic"])

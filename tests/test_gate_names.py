@@ -52,7 +52,7 @@ def test_name_hits_find_sequences_in_order_of_first_mention_within_the_mask():
 
 
 def test_route_sends_named_queries_to_their_expert_and_leaves_others_to_the_heads():
-    g = _gate([[[7, 8]], [[9]], [[11]]], fire=2)           # the heads send every query to expert 2
+    g = _gate([[[7, 8]], [[9]], []], fire=2)               # the heads send every query to expert 2 (no names)
     x = torch.randn(4, D)
     ids, mask = _ids([[1, 7, 8], [1, 9, 4], [1, 4, 4], [1, 9, 7, 8]])
     _, plain = g.route(x, 1)
@@ -63,6 +63,16 @@ def test_route_sends_named_queries_to_their_expert_and_leaves_others_to_the_head
     w, got = g.route(x, 2, input_ids=ids, attention_mask=mask)
     assert got.tolist() == [[0, -1], [1, -1], [2, -1], [1, 0]]
     assert w.tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]
+
+
+def test_text_by_name_drops_the_heads_choice_of_an_expert_with_names_unless_named():
+    x = torch.randn(3, D)
+    ids, mask = _ids([[1, 4, 4], [1, 11, 4], [1, 7, 8]])
+    g = _gate([[[7, 8]], [[9]], [[11]]], fire=2)            # expert 2 has a name now
+    assert g.route(x, 1)[1][:, 0].tolist() == [2, 2, 2]     # no prompts: the heads alone
+    assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [-1, 2, 0]
+    g.text_by_name = False                                  # off: the heads' choice stands where no name is
+    assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [2, 2, 0]
 
 
 def test_names_survive_save_load_and_leave_with_revocation(tmp_path):

@@ -26,7 +26,8 @@ from lumoe_engine.eval.metrics import read_rows
 from lumoe_engine.gate.gate import Gate
 from lumoe_engine.ledger import Ledger
 from lumoe_engine.model.bank import ExpertBank
-from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
+
+from faults import blown_up_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACH_UNTAUGHT = {"max_steps": 20, "eval_max_records": 40, "check_every": 1000}
@@ -223,25 +224,12 @@ def _taught_cfg(out, cache, **kw):
     return stream_mod.StreamConfig(**base)
 
 
-def _blown_up(request_id, factor=300.0):
-    """train_expert, but the expert of ``request_id`` comes back with its B matrices scaled by ``factor``: a
-    collapsed expert (finite loss, babbling answers)."""
-    def wrapped(model, processor, ctx, request, *args, **kw):
-        expert, stats = real_train_expert(model, processor, ctx, request, *args, **kw)
-        if request.id == request_id:
-            g = torch.Generator().manual_seed(0)
-            expert.weights = {m: (a, factor * torch.randn(b.shape, generator=g) / b.shape[1] ** 0.5)
-                              for m, (a, b) in expert.weights.items()}
-        return expert, stats
-    return wrapped
-
-
 @pytest.fixture(scope="module")
 def taught_run(tmp_path_factory, cache):
     """Stream "abc" on the micro LLaVA taught 150 steps; request taskC's expert is blown up (collapse guard)."""
     out = tmp_path_factory.mktemp("taught") / "run"
     mp = pytest.MonkeyPatch()
-    mp.setattr(stream_mod, "train_expert", _blown_up("taskC"))
+    mp.setattr(stream_mod, "train_expert", blown_up_for("taskC"))
     try:
         summary = stream_mod.run_stream(_taught_cfg(out, cache, stream="abc"))
     finally:

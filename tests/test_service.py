@@ -176,6 +176,39 @@ def test_failing_requests_end_failed_and_leave_bank_and_gate_unchanged(processed
     assert rc == 0 and out.startswith("r3\tfailed\t") and "NonFiniteLossError" in out
 
 
+def test_collapsed_expert_fails_its_request_and_leaves_bank_and_gate_unchanged(processed, tmp_path, capsys,
+                                                                               monkeypatch, cache):
+    """The store path runs the stream's collapse guard on every new expert (the guard itself: test_resume)."""
+    from lumoe_engine import stream as stream_mod
+
+    calls = []
+
+    def guard(model, processor, ctx, expert, request, max_new, **kw):
+        calls.append(request.id)
+        if request.id == "r5":
+            raise stream_mod.ExpertCollapseError(f"request {request.id!r}: the expert collapsed (test); not saved")
+        return {"answers": [], "degenerate": 0}
+
+    monkeypatch.setattr(stream_mod, "collapse_check", guard)
+    store = copy_store(processed, tmp_path / "store")
+    files = write_requests(tmp_path / "in", {"id": "r5", "forget": [qa("What is Olan Brisk's trade?", "tanner")]},
+                           {"id": "r6", "forget": [qa("Where does Olan Brisk live?", "Quell")]})
+    rc, out, err = cli(capsys, "submit", *files, "--store", store)
+    assert rc == 0, err
+    before = {k: v for k, v in snapshot(store).items() if k.startswith(("bank", "gate"))}
+    rc, out, err = cli(capsys, "process", "--store", store, "--cache", cache, *FAST)
+    assert rc == 1, out + err
+    assert calls == ["r5", "r6"] and "r5: failed: ExpertCollapseError" in out
+    with Ledger(store / "ledger", readonly=True) as led:
+        assert led.state("r5") == "failed" and "collapsed" in led.status("r5").reason
+        assert led.state("r6") == "gate_updated"
+    after = {k: v for k, v in snapshot(store).items() if k.startswith(("bank", "gate"))}
+    assert after != before  # r6 went in; r5 left nothing: only r6 in the bank
+    from lumoe_engine.model.bank import ExpertBank
+
+    assert "r5" not in ExpertBank.open(store / "bank").ids and "r6" in ExpertBank.open(store / "bank").ids
+
+
 def test_process_resumes_after_a_crash_without_training_twice(processed, tmp_path, capsys, monkeypatch, cache):
     from lumoe_engine.gate.gate import Gate
 

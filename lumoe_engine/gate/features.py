@@ -13,6 +13,11 @@ Pooling modes (``POOLINGS``), all over the positions where ``attention_mask`` is
 - ``mean_last``: ``[mean, last]`` concatenated;     D_out = 2 D
 - ``mean_max``: ``[mean, max]`` concatenated;       D_out = 2 D
 
+The image channel's features (``image_pool``): ``[mean, max]`` of ``h_L`` over the row's image positions (where
+``input_ids`` is the image token), D_img = 2 D; a row without image tokens gets zeros. In a LLaVA prompt the image
+comes before the question, so under causal attention these states do not depend on the wording of the question at
+all: a reworded query about the same picture has the same image features.
+
 Gate training queries beyond a request's own: ``counterfactual_records`` (hard negatives: its images asked other
 classes' questions, its questions asked of other classes' images) and ``augmented_records`` (rewordings as positives).
 
@@ -72,6 +77,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mea
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def image_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
+               image_token_id: int) -> torch.Tensor:
+    """``[mean, max]`` of each row's hidden states over its image positions (``input_ids == image_token_id`` and
+    attended); zeros for a row without any. hidden: [B, S, D], attention_mask / input_ids: [B, S] -> [B, 2 D] fp32."""
+    if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != tuple(hidden.shape[:2]):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected shape [B, S] = {tuple(hidden.shape[:2])}, got {shape}")
+    m = (input_ids == image_token_id) & (attention_mask != 0)
+    h = hidden.float()
+    count = m.sum(1, keepdim=True)
+    mf = m.unsqueeze(-1)
+    mean = (h * mf).sum(1) / count.clamp_min(1)
+    mx = h.masked_fill(~mf, float("-inf")).amax(1)
+    out = torch.cat([mean, mx], -1)
+    return torch.where(count > 0, out, torch.zeros_like(out))
+
+
+def image_token_id_of(model) -> Optional[int]:
+    """The image placeholder token id of a LLaVA-style ``model`` (``config.image_token_id`` / ``image_token_index``),
+    None for a model without one."""
+    cfg = getattr(model, "config", None)
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layers of the language model of ``model`` (a LLaVA / LLaVA-NeXT or a plain causal LM)."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -110,8 +143,10 @@ def _prompt_batch(model, processor, rows: Sequence[QARecord], image_fn) -> dict:
 @torch.no_grad()
 def layer_features(model, processor, records: Sequence[QARecord], layers: Sequence[int],
                    poolings: Sequence[str] = ("mean",), batch_size: int = 64,
-                   image_fn: Optional[Callable[[QARecord], object]] = None) -> dict[tuple[int, str], torch.Tensor]:
-    """Features of ``records`` for several (layer, pooling) pairs from one forward pass per batch.
+                   image_fn: Optional[Callable[[QARecord], object]] = None, image: bool = False
+                   ) -> dict[tuple[int, str], torch.Tensor]:
+    """Features of ``records`` for several (layer, pooling) pairs from one forward pass per batch; with ``image``,
+    also the image channel's ``image_pool`` of each layer under the key (layer, "image") ([N, 2 D]).
 
     Prompts only (``collate(with_answers=False)``): image+text records with their image (``image_fn``, default the
     benchmark loader), text-only records without any. The model runs in eval mode; its mode is restored.
@@ -122,7 +157,11 @@ def layer_features(model, processor, records: Sequence[QARecord], layers: Sequen
         pooled_dim(1, p)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    out: dict[tuple[int, str], list[torch.Tensor]] = {(L, p): [] for L in layers for p in poolings}
+    image_id = image_token_id_of(model) if image else None
+    if image and image_id is None:
+        raise ValueError(f"image=True: model {type(model).__name__} has no image token id in its config")
+    kinds = list(poolings) + (["image"] if image else [])
+    out: dict[tuple[int, str], list[torch.Tensor]] = {(L, p): [] for L in layers for p in kinds}
     blocks = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
@@ -150,24 +189,30 @@ def layer_features(model, processor, records: Sequence[QARecord], layers: Sequen
             for L in layers:
                 for p in poolings:
                     out[(L, p)].append(pool(captured[L], mask, p).cpu())
+                if image:
+                    out[(L, "image")].append(image_pool(captured[L], mask, batch["input_ids"], image_id).cpu())
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     if not records:
         hidden = model.config.get_text_config().hidden_size
-        return {(L, p): torch.zeros(0, pooled_dim(hidden, p)) for L in layers for p in poolings}
+        return {(L, p): torch.zeros(0, pooled_dim(hidden, p) if p != "image" else 2 * hidden)
+                for L in layers for p in kinds}
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 def base_features(model, processor, records: Sequence[QARecord], layer: int, batch_size: int = 64,
-                  pooling: str = "mean", image_fn: Optional[Callable[[QARecord], object]] = None) -> torch.Tensor:
+                  pooling: str = "mean", image_fn: Optional[Callable[[QARecord], object]] = None,
+                  image: bool = False) -> torch.Tensor:
     """The gate features of ``records``: ``pool(output of decoder layer `layer`, attention_mask, pooling)`` of the
-    prompt-only forward pass (no answer, no expert active; images fed for image+text records).
+    prompt-only forward pass (no answer, no expert active; images fed for image+text records); with ``image``,
+    followed by the image channel's ``image_pool`` of the same layer.
 
-    returns [N, D_out] fp32 on CPU (D_out = ``pooled_dim(hidden size, pooling)``)
+    returns [N, D_out] fp32 on CPU (D_out = ``pooled_dim(hidden size, pooling)``, + 2 D with ``image``)
     """
-    return layer_features(model, processor, records, [layer], [pooling], batch_size, image_fn)[(layer, pooling)]
+    f = layer_features(model, processor, records, [layer], [pooling], batch_size, image_fn, image=image)
+    return torch.cat([f[(layer, pooling)], f[(layer, "image")]], 1) if image else f[(layer, pooling)]
 
 
 # ---------------------------------------------------------------------------------------- gate training queries

@@ -31,12 +31,31 @@ similarities)`` (an expert whose queries are spread out gets a looser bound). ``
 top-k experts the heads chose (a gather of k * P_max prototypes per query: the cost does not grow with E); a vetoed
 choice becomes -1 (the next expert is not tried). Adding an expert appends its prototypes; revoking removes them.
 
+Image channel (``image_dim > 0``): features may carry, after the D pooled columns, ``image_dim`` columns of the
+query's image (``features.image_pool``: [mean, max] of layer L over the image positions, zeros for a query without
+an image). Image positions precede the question in the prompt, so these columns do not move when a question is
+reworded; heads and the similarity bound, which read the D pooled columns, do (measured on the taught embedded
+default: the held-out phrasing family's image queries reached the right expert 0.53 of the time through the heads
+and bound). With the image channel, a query *with* an image is routed by its image alone: nearest-neighbour over
+every expert's image prototypes (the distinct images of its positives, per positive group) and a gate-wide
+background (the distinct images of the negatives it was shown that belong to no expert); the query goes to the
+owner of the nearest prototype if that is an expert's and the cosine reaches the group's bound ``tau_g`` = the
+lowest similarity of one of the group's images to its nearest other image (leave one out; at least
+``image_floor``; ``image_similarity`` for a group of one image). Everything in standardised, unit, projected
+(``image_bound_dim`` principal directions, at most one fewer than the distinct images it is fitted on) image space,
+fitted once like the feature standardiser. Queries without
+an image keep the heads (and the bound). Revoking an expert removes its image prototypes.
+
 Name channel (``add_expert(names=...)``): a request may also give the token-id sequences of the names it forgets
 (``name_token_ids``: each entity's name as the tokenizer writes it inside a prompt). ``route(features,
 input_ids=...)`` then sends a query whose prompt contains one of those sequences to that expert whatever its pooled
 features say: a query that names the entity is about it, however it is worded (measured on the taught embedded
 default: text-only queries in the held-out phrasing family reached the right expert 0.61 of the time through the
-heads and the bound alone). Rows without a name hit keep the heads' decision. Names are saved with the gate.
+heads and the bound alone). With ``text_by_name`` (default), a query without an image reaches an expert that has
+names only through them: the heads' choice of such an expert is dropped unless the prompt names it (on the taught
+embedded default the heads sent 12% of the text-only queries about never-requested entities to a request whose
+entities share their class and wording; a text-only query is about an entity when it names it). Experts without
+names, and queries routed without ``input_ids``, keep the heads' decision. Names are saved with the gate.
 
 Letters: B queries, D feature width (``dim``), F head input width (D or 2 D), E experts, H stacked sub-heads (>= E),
 k top-k, P positives (P_max: most prototypes of one expert), Q negatives, S prompt positions.
@@ -99,6 +118,8 @@ class HeadReport:
     sim_bound: Optional[float] = None     # tau_e: the cosine bound of the expert (None: no bound)
     fpr_cal_bounded: Optional[float] = None  # fpr_cal / tpr_cal with the similarity bound applied as well
     tpr_cal_bounded: Optional[float] = None
+    n_image_protos: int = 0               # image channel: prototypes of the expert, bound of each positive group
+    image_bounds: list = field(default_factory=list)
 
 
 def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
@@ -308,7 +329,9 @@ class Gate:
     def __init__(self, layer: int, dim: int, pooling: str = "mean", head: str = "linear", target_fpr: float = 0.001,
                  calib_share: float = 0.25, l2: float = 1e-3, seed: int = 0, max_iter: int = 200,
                  similarity: Optional[float] = 0.9, n_protos: int = 64, sim_quantile: Optional[float] = 0.02,
-                 bound_dim: Optional[int] = 128):
+                 bound_dim: Optional[int] = 128, image_dim: int = 0, image_token_id: Optional[int] = None,
+                 image_bound_dim: Optional[int] = 128, n_image_protos: int = 16, image_floor: float = 0.9,
+                 image_similarity: float = 0.95, image_candidates: int = 4, text_by_name: bool = True):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -338,6 +361,32 @@ class Gate:
         if bound_dim is not None and (isinstance(bound_dim, bool) or not isinstance(bound_dim, int) or bound_dim < 1):
             raise ValueError(f"bound_dim={bound_dim!r}: expected an int >= 1 or None (no projection)")
         self.bound_dim = bound_dim
+        if isinstance(image_dim, bool) or not isinstance(image_dim, int) or image_dim < 0:
+            raise ValueError(f"image_dim={image_dim!r}: expected an int >= 0 (0: no image channel)")
+        if image_token_id is not None and (isinstance(image_token_id, bool) or not isinstance(image_token_id, int)):
+            raise ValueError(f"image_token_id={image_token_id!r}: expected an int token id or None")
+        if image_bound_dim is not None and (isinstance(image_bound_dim, bool) or not isinstance(image_bound_dim, int)
+                                            or image_bound_dim < 1):
+            raise ValueError(f"image_bound_dim={image_bound_dim!r}: expected an int >= 1 or None")
+        if isinstance(n_image_protos, bool) or not isinstance(n_image_protos, int) or n_image_protos < 1:
+            raise ValueError(f"n_image_protos={n_image_protos!r}: expected an int >= 1")
+        for nm, v in (("image_floor", image_floor), ("image_similarity", image_similarity)):
+            if not -1.0 <= float(v) <= 1.0:
+                raise ValueError(f"{nm}={v!r}: expected a cosine in [-1, 1]")
+        self.image_dim, self.image_token_id, self.image_bound_dim = image_dim, image_token_id, image_bound_dim
+        if isinstance(image_candidates, bool) or not isinstance(image_candidates, int) or image_candidates < 1:
+            raise ValueError(f"image_candidates={image_candidates!r}: expected an int >= 1")
+        self.n_image_protos, self.image_floor, self.image_similarity = n_image_protos, float(image_floor), \
+            float(image_similarity)
+        self.image_candidates = image_candidates
+        self.text_by_name = bool(text_by_name)
+        self.img_mean: Optional[torch.Tensor] = None   # [D_img] image standardiser (frozen once set)
+        self.img_std: Optional[torch.Tensor] = None
+        self.img_basis: Optional[torch.Tensor] = None  # [D_img, D_bi] principal directions (None: no projection)
+        self._IP = torch.zeros(0, 0)                   # [n, D_bi] image prototypes, experts contiguous, groups too
+        self._igroups: list[list[tuple[int, float]]] = []  # per expert: (prototypes, tau) per positive group
+        self._BG = torch.zeros(0, 0)                   # [n_bg, D_bi] background: negatives' images of no expert
+        self._img_cache = None                         # (P [n + n_bg, D_bi], owner [.], tau [.]) for routing
         self.expert_ids: list[str] = []
         self.reports: dict[str, HeadReport] = {}
         self.mean: Optional[torch.Tensor] = None  # [D] gate-wide feature standardiser (frozen once set)
@@ -375,6 +424,20 @@ class Gate:
     def head_dim(self) -> int:
         """F: the width of a head's input ``phi(z)``."""
         return self.dim * (2 if self.head == "quadratic" else 1)
+
+    @property
+    def feature_width(self) -> int:
+        """Columns of the features the gate takes: D pooled (+ ``image_dim`` image columns)."""
+        return self.dim + self.image_dim
+
+    def _text(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :self.dim] if self.image_dim else x
+
+    def _image_rows(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B] bool: rows with an image (non-zero image columns); None without an image channel."""
+        if not self.image_dim:
+            return None
+        return x[:, self.dim:].abs().amax(1) > 0
 
     @property
     def num_heads(self) -> int:
@@ -438,11 +501,14 @@ class Gate:
         if self.expert_ids:
             raise ValueError(f"fit_standardizer: the gate already holds {len(self)} experts whose heads use the "
                              "current standardiser; set it before the first add_expert")
-        x = _check_features(features, self.dim, "features").detach().float().cpu()
+        full = _check_features(features, self.feature_width, "features").detach().float().cpu()
+        x = self._text(full)
         if len(x) < 2:
             raise ValueError(f"features: {len(x)} row; the standardiser needs at least 2")
         self.mean, self.std = (v.to(self._W.device) for v in self._standardizer(x))
         self.basis = self._basis(x)
+        if self.image_dim:
+            self._fit_image_standardizer(full[:, self.dim:][self._image_rows(full)])
 
     def phi(self, features: torch.Tensor) -> torch.Tensor:
         """The heads' input: ``z = (x - mean) / std``, and ``[z, z * z]`` for quadratic heads. [B, D] -> [B, F]."""
@@ -473,8 +539,9 @@ class Gate:
         if expert_id in self.expert_ids:
             raise ValueError(f"expert {expert_id!r} is already in the gate; remove_expert it first to replace it "
                              "(heads are never retrained in place)")
-        pos = _check_features(pos_feats, self.dim, "pos_feats").detach().float().cpu()
-        neg = _check_features(neg_feats, self.dim, "neg_feats").detach().float().cpu()
+        pos_full = _check_features(pos_feats, self.feature_width, "pos_feats").detach().float().cpu()
+        neg_full = _check_features(neg_feats, self.feature_width, "neg_feats").detach().float().cpu()
+        pos, neg = self._text(pos_full), self._text(neg_full)
         name_seqs = check_names(names)
         if pos_groups is None:
             groups = [torch.arange(len(pos))]
@@ -485,11 +552,14 @@ class Gate:
                                  "row of pos_feats (or None for one head)")
             order = list(dict.fromkeys(labels))
             groups = [torch.tensor([i for i, x in enumerate(labels) if x == g]) for g in order]
-        standardizer = None
+        standardizer = img_standardizer = None
         if self.mean is None:
             standardizer = self._standardizer(torch.cat([pos, neg]))
             self.mean, self.std = (v.to(self._W.device) for v in standardizer)
             self.basis = self._basis(torch.cat([pos, neg]))
+        if self.image_dim and self.img_mean is None:
+            both = torch.cat([pos_full, neg_full])
+            img_standardizer = self._fit_image_standardizer(both[:, self.dim:][self._image_rows(both)])
         try:
             p_pos, p_neg = self.phi(pos), self.phi(neg)
             gen = torch.Generator().manual_seed(_stable_seed(self.seed, expert_id))
@@ -508,9 +578,12 @@ class Gate:
                 heads.append((w, c, t))
                 subs.append({"n_pos": len(rows), "threshold": t, "neg_bound": neg_bound, "pos_min": pos_min})
             protos, tau, sim = self._fit_bound(pos, pos_fit_all, pos_cal_all, expert_id)
+            image = self._fit_image(pos_full, neg_full, groups)
         except BaseException:
             if standardizer is not None:
                 self.mean = self.std = self.basis = None
+            if img_standardizer:
+                self.img_mean = self.img_std = self.img_basis = None
             raise
 
         def fires(x, raw=None):  # the expert fires where any sub-head reaches its threshold (and, with raw, the bound)
@@ -532,7 +605,9 @@ class Gate:
                             sim_bound=None if protos is None else tau,
                             fpr_cal_bounded=fires(cal_neg, neg[neg_cal] if len(neg_cal) else neg[neg_fit]),
                             tpr_cal_bounded=fires(p_pos[pos_cal_rows], pos[pos_cal_rows]) if len(pos_cal_rows)
-                            else None)
+                            else None,
+                            n_image_protos=sum(len(p) for p, _ in image[0]) if image else 0,
+                            image_bounds=[round(t, 6) for _, t in image[0]] if image else [])
         # commit (nothing above touched the heads)
         E, H = len(self.expert_ids), self._n_rows
         self._grow(H + len(heads))
@@ -548,6 +623,7 @@ class Gate:
         self._heads.append(len(heads))
         self._names.append(name_seqs)
         self._name_index = None
+        self._commit_image(image)
         self.reports[expert_id] = report
         return report
 
@@ -621,6 +697,209 @@ class Gate:
             self._bound_cache = c
         return c
 
+    # ------------------------------------------------------------------------------------------- image channel
+    _SAME = 1.0 - 1e-4  # cosine at which two image rows are the same picture (features differ in the last bits)
+
+    def _fit_image_standardizer(self, x: torch.Tensor) -> bool:
+        """Fit the image standardiser (and projection) on image rows ``x`` [n, D_img]; False when n < 2 (left
+        unset: a later request with images fits it)."""
+        if len(x) < 2:
+            return False
+        x = self._dedupe_raw(x)
+        if len(x) < 2:
+            return False
+        mean, std = self._standardizer(x)
+        self.img_mean, self.img_std = mean.to(self._W.device), std.to(self._W.device)
+        basis = None
+        k = None if self.image_bound_dim is None else min(self.image_bound_dim, len(x) - 1)
+        if k is not None and k < self.image_dim:  # (at most n - 1 directions carry the n images' spread)
+            z = (x.double() - mean.double()) / std.double()
+            z = z - z.mean(0)
+            _, vecs = torch.linalg.eigh(z.t() @ z)
+            basis = vecs[:, -k:].flip(1).float().contiguous().to(self._W.device)
+        self.img_basis = basis
+        return True
+
+    @property
+    def image_width(self) -> int:
+        """D_bi: width of the image channel's space (the projection's, else D_img)."""
+        return self.image_dim if self.img_basis is None else self.img_basis.shape[1]
+
+    def _img_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit rows of the standardised (projected) image columns: [n, D_img] -> [n, D_bi]."""
+        dev = x.device
+        z = (x.float() - self.img_mean.to(dev)) / self.img_std.to(dev)
+        if self.img_basis is not None:
+            z = z @ self.img_basis.to(dev)
+        return torch.nn.functional.normalize(z, dim=1)
+
+    @staticmethod
+    def _distinct(u: torch.Tensor, others: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Indices of the rows of unit ``u`` that are distinct pictures (cosine < 1 - 1e-4 to every earlier kept row
+        and to every row of ``others``), in order."""
+        keep: list[int] = []
+        for i in range(len(u)):
+            if keep and float((u[keep] @ u[i]).max()) >= Gate._SAME:
+                continue
+            if others is not None and len(others) and float((others @ u[i]).max()) >= Gate._SAME:
+                continue
+            keep.append(i)
+        return torch.tensor(keep, dtype=torch.long)
+
+    def _dedupe_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self._distinct(torch.nn.functional.normalize(x.float(), dim=1))] if len(x) else x
+
+    def _fit_image(self, pos_full: torch.Tensor, neg_full: torch.Tensor, groups: list):
+        """The image channel of a new expert: ([(prototypes [p, D_bi], tau)] per positive group, background rows to
+        add [m, D_bi], background rows to drop [bool]) or None (no image channel / no standardiser / no image
+        positives)."""
+        if not self.image_dim or self.img_mean is None:
+            return None
+        has = self._image_rows(pos_full)
+        out = []
+        pos_units = []
+        for rows in groups:
+            r = rows[has[rows]]
+            if not len(r):
+                continue
+            u = self._img_unit(pos_full[r, self.dim:])
+            u = u[self._distinct(u)]
+            u = cover_prototypes(u, self.n_image_protos)
+            if len(u) > 1:
+                S = u @ u.t()
+                S.fill_diagonal_(-2.0)
+                tau = max(self.image_floor, float(S.amax(1).min()))
+            else:
+                tau = self.image_similarity
+            out.append((u.contiguous(), float(tau)))
+            pos_units.append(u)
+        if not out:
+            return None
+        mine = torch.cat(pos_units)
+        n_h = self._image_rows(neg_full)
+        experts = self._IP[:self._n_image] if self._n_image else None
+        known = torch.cat([t for t in (mine, experts, self._BG if len(self._BG) else None) if t is not None])
+        bg_new = torch.zeros(0, self.image_width)
+        if bool(n_h.any()):
+            v = self._img_unit(neg_full[n_h, self.dim:])
+            bg_new = v[self._distinct(v, known)]
+        drop = (self._BG @ mine.t()).amax(1) >= self._SAME if len(self._BG) else torch.zeros(0, dtype=torch.bool)
+        return out, bg_new, drop
+
+    @property
+    def _n_image(self) -> int:
+        return sum(p for g in self._igroups for p, _ in g)
+
+    def _commit_image(self, image) -> None:
+        """Append a new expert's image prototypes (``_fit_image``'s result; None: none) and update the background."""
+        if image is None:
+            self._igroups.append([])
+            self._img_cache = None
+            return
+        groups, bg_new, drop = image
+        n = self._n_image
+        P = torch.cat([self._IP[:n].reshape(n, -1).to(torch.float32)] + [u.to(self._IP.device) for u, _ in groups]) \
+            if n else torch.cat([u for u, _ in groups])
+        self._IP = P.contiguous()
+        self._igroups.append([(len(u), t) for u, t in groups])
+        keep = self._BG[~drop] if len(self._BG) else torch.zeros(0, self.image_width)
+        self._BG = torch.cat([keep.to(torch.float32), bg_new.to(keep.device)]).contiguous()
+        self._img_cache = None
+
+    EXACT_IMAGE_PROTOS = 4096  # up to this many image prototypes the nearest one is found by brute force
+
+    def _image_index(self, device) -> dict:
+        """The image channel's routing tables, cached until the experts change: every prototype with its owner
+        expert (-1: background) and its group's bound, and per positive group its unit centroid, first row, count
+        and owner (for the two-stage search above ``EXACT_IMAGE_PROTOS``)."""
+        c = self._img_cache
+        if c is None or c["P"].device != torch.device(device):
+            owner, tau, g_owner, g_start, g_count = [], [], [], [], []
+            n = 0
+            for e, groups in enumerate(self._igroups):
+                for p, t in groups:
+                    owner += [e] * p
+                    tau += [t] * p
+                    g_owner.append(e)
+                    g_start.append(n)
+                    g_count.append(p)
+                    n += p
+            nb = len(self._BG)
+            IP = self._IP[:n].to(device)
+            P = torch.cat([IP, self._BG.to(device)]) if nb else IP
+            start = torch.tensor(g_start, dtype=torch.long, device=device)
+            count = torch.tensor(g_count, dtype=torch.long, device=device)
+            grp = torch.repeat_interleave(torch.arange(len(g_count), device=device), count)
+            cent = torch.zeros(len(g_count), IP.shape[1], device=device).index_add_(0, grp, IP)
+            c = {"P": P, "owner": torch.tensor(owner + [-1] * nb, dtype=torch.long, device=device),
+                 "tau": torch.tensor(tau + [2.0] * nb, dtype=torch.float32, device=device), "n": n,
+                 "BG": self._BG.to(device), "IP": IP, "centroids": torch.nn.functional.normalize(cent, dim=1),
+                 "g_start": start, "g_count": count, "g_owner": torch.tensor(g_owner, dtype=torch.long,
+                                                                             device=device),
+                 "p_max": max(g_count, default=0)}
+            self._img_cache = c
+        return c
+
+    def _nearest_image(self, u: torch.Tensor, c: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(best cosine [B], its owner [B] (-1: background), its bound [B]) of unit image rows ``u`` [B, D_bi]:
+        brute force up to ``EXACT_IMAGE_PROTOS`` prototypes; above, the ``image_candidates`` positive groups with
+        the nearest centroids, then their prototypes (and the whole background)."""
+        if c["n"] <= self.EXACT_IMAGE_PROTOS:
+            best, j = (u @ c["P"].t()).max(1)
+            return best, c["owner"][j], c["tau"][j]
+        m = min(self.image_candidates, len(c["g_count"]))
+        g = (u @ c["centroids"].t()).topk(m, dim=1).indices                  # [B, m] candidate groups
+        k = torch.arange(c["p_max"], device=u.device)
+        valid = k < c["g_count"][g].unsqueeze(-1)                             # [B, m, P_max]
+        idx = torch.where(valid, c["g_start"][g].unsqueeze(-1) + k, c["g_start"][g].unsqueeze(-1))
+        G = c["IP"].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)    # [B, m, P_max, D_bi]
+        # a broadcast multiply-sum: bmm with one column is several times slower on CPU
+        sims = (G * u[:, None, None, :]).sum(-1).masked_fill(~valid, float("-inf")).flatten(1)
+        best, j = sims.max(1)
+        row = idx.flatten(1).gather(1, j.unsqueeze(1)).squeeze(1)
+        owner, tau = c["owner"][row], c["tau"][row]
+        if len(c["BG"]):
+            bg = (u @ c["BG"].t()).amax(1)
+            lose = bg >= best
+            best = torch.where(lose, bg, best)
+            owner = torch.where(lose, torch.full_like(owner, -1), owner)
+        return best, owner, tau
+
+    def route_images(self, features: torch.Tensor) -> torch.Tensor:
+        """The image channel's decision for each row (``features`` [B, D + D_img]): the expert owning the nearest
+        image prototype when the cosine reaches its group's bound and no background image is nearer, else -1 (also
+        for rows without an image, and without an image channel). returns [B] int64."""
+        x = _check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
+        out = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        if not self.image_dim or self.img_mean is None or not x.shape[0]:
+            return out
+        c = self._image_index(x.device)
+        if not c["n"]:
+            return out
+        has = self._image_rows(x)
+        if not bool(has.any()):
+            return out
+        u = self._img_unit(x[has, self.dim:])
+        best, e, tau = self._nearest_image(u, c)
+        ok = (e >= 0) & (best >= tau)
+        out[has] = torch.where(ok, e, torch.full_like(e, -1))
+        return out
+
+    @property
+    def image_prototypes(self) -> list:
+        """Per expert, its unit image prototypes [p_e, D_bi] (p_e = 0: none)."""
+        out, n = [], 0
+        for groups in self._igroups:
+            p = sum(c for c, _ in groups)
+            out.append(self._IP[n:n + p])
+            n += p
+        return out
+
+    @property
+    def image_background(self) -> torch.Tensor:
+        """[n_bg, D_bi] the background's unit image rows (a view)."""
+        return self._BG
+
     @property
     def prototypes(self) -> list:
         """Per expert, its unit prototypes [P_e, D] (P_e = 0: no similarity bound); views."""
@@ -639,7 +918,7 @@ class Gate:
         """Cosine similarity of each query to each expert's nearest prototype (unit ``z``); +inf for an expert
         without prototypes. Every expert, so O(B * all prototypes): for analysis, not the routing path.
         features: [B, D]        returns [B, E] fp32"""
-        x = _check_features(features, self.dim, "features", allow_empty=True, finite=False)
+        x = self._text(_check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
         E = len(self.expert_ids)
         out = torch.full((x.shape[0], E), float("inf"), device=x.device)
         if not E or not x.shape[0] or not sum(self._pcount):
@@ -696,6 +975,8 @@ class Gate:
                                                   torch.tensor(heads, dtype=torch.long, device=dev))
         self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
         self._names, self._name_index = name_lists, None
+        self._IP, self._igroups, self._img_cache = torch.zeros(0, self.image_width, device=dev), \
+            [[] for _ in expert_ids], None
         self._P, self._pcount, self._tau, self._bound_cache = torch.zeros(0, self.bound_width, device=dev), [], [], None
         n = 0
         for e, c in enumerate(counts):
@@ -713,6 +994,11 @@ class Gate:
             self.mean, self.std = self.mean.to(device), self.std.to(device)
         if self.basis is not None:
             self.basis = self.basis.to(device)
+        if self.img_mean is not None:
+            self.img_mean, self.img_std = self.img_mean.to(device), self.img_std.to(device)
+            if self.img_basis is not None:
+                self.img_basis = self.img_basis.to(device)
+        self._IP, self._BG, self._img_cache = self._IP.to(device), self._BG.to(device), None
         return self
 
     def remove_expert(self, expert_id: str) -> None:
@@ -736,13 +1022,27 @@ class Gate:
         del self._heads[e]
         del self._names[e]
         self._name_index = None
+        if self._igroups:
+            i0 = sum(c for g in self._igroups[:e] for c, _ in g)
+            ic = sum(c for c, _ in self._igroups[e])
+            self._IP = torch.cat([self._IP[:i0], self._IP[i0 + ic:]]).contiguous()
+            del self._igroups[e]
+            self._img_cache = None
         self.reports.pop(expert_id, None)
 
     # ---------------------------------------------------------------------------------------------- inference
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The gate features from the hidden states of decoder layer ``layer``: ``features.pool`` with this gate's
-        pooling. hidden: [B, S, H], attention_mask: [B, S] -> [B, D] fp32."""
-        return _features.pool(hidden, attention_mask, self.pooling)
+        pooling, then (image channel) ``features.image_pool`` over the positions where ``input_ids`` is
+        ``image_token_id``. hidden: [B, S, H], attention_mask / input_ids: [B, S] -> [B, D (+ D_img)] fp32."""
+        x = _features.pool(hidden, attention_mask, self.pooling)
+        if not self.image_dim:
+            return x
+        if input_ids is None or self.image_token_id is None:
+            raise ValueError("this gate has an image channel: pool needs input_ids (and the gate an image_token_id) "
+                             "to find the image positions")
+        return torch.cat([x, _features.image_pool(hidden, attention_mask, input_ids, self.image_token_id)], 1)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Calibrated logits: ``phi(z) @ W^T + b`` (the maximum over an expert's sub-heads); expert e's head fires for
@@ -750,7 +1050,7 @@ class Gate:
 
         features: [B, D] float       returns [B, E] fp32 (on the features' device)
         """
-        x = _check_features(features, self.dim, "features", allow_empty=True, finite=False)
+        x = self._text(_check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
         if not self.expert_ids:
             return torch.zeros(x.shape[0], 0, dtype=torch.float32, device=x.device)
         W, b = self.weight, self.bias
@@ -771,7 +1071,8 @@ class Gate:
 
         ``ops.topk_routing(scores, top_k, scoring="sigmoid", threshold=0.5)``; with ``renormalize`` (default) the
         surviving weights of a row sum to 1 (top_k = 1: weight 1 for a routed query, 0 for none). Then the
-        similarity bound of each chosen expert must hold, else that choice becomes -1 (module docstring).
+        similarity bound of each chosen expert must hold, else that choice becomes -1 (module docstring). With an
+        image channel, a row with an image gets the image channel's expert instead (``route_images``; top-1).
         With no expert in the gate every query gets -1. With ``input_ids`` (the prompts, [B, S]; ``attention_mask``
         [B, S] marks the positions to search, default all), a row whose prompt contains an expert's name
         (``names``) goes to the named expert(s) instead, in order of first mention, weights equal (module docstring).
@@ -779,20 +1080,38 @@ class Gate:
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
-        s = self.scores(features)
-        B, E = s.shape
+        x = _check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
+        B, E = x.shape[0], len(self.expert_ids)
+        weights = torch.zeros(B, top_k, dtype=torch.float32, device=x.device)
+        ids = torch.full((B, top_k), -1, dtype=torch.int32, device=x.device)
         if E == 0 or B == 0:
-            return (torch.zeros(B, top_k, dtype=torch.float32, device=s.device),
-                    torch.full((B, top_k), -1, dtype=torch.int32, device=s.device))
-        k = min(top_k, E)
-        weights, ids = ops.topk_routing(s, k, renormalize=renormalize, threshold=0.5, scoring="sigmoid")
-        if self._pcount and max(self._pcount) > 0:
-            weights, ids = self._veto(features, weights, ids, renormalize)
-        if k < top_k:  # fewer experts than slots: the missing slots are "no expert"
-            pad = top_k - k
-            weights = torch.cat([weights, weights.new_zeros(B, pad)], 1)
-            ids = torch.cat([ids, ids.new_full((B, pad), -1)], 1)
+            return weights, ids
+        # rows with an image go to the image channel (module docstring); the heads score the others only
+        has = self._image_rows(x) if self.img_mean is not None else None
+        text_rows = None if has is None else (~has).nonzero().squeeze(1)
+        xt = x if text_rows is None else x.index_select(0, text_rows)
+        if xt.shape[0]:
+            k = min(top_k, E)
+            w, i = ops.topk_routing(self.scores(xt), k, renormalize=renormalize, threshold=0.5, scoring="sigmoid")
+            if self._pcount and max(self._pcount) > 0:
+                w, i = self._veto(xt, w, i, renormalize)
+            if text_rows is None:
+                weights[:, :k], ids[:, :k] = w, i
+            else:
+                weights[text_rows, :k], ids[text_rows, :k] = w, i
+        if has is not None and bool(has.any()):
+            img = self.route_images(x.index_select(0, has.nonzero().squeeze(1)))
+            ids[has, 0] = img.to(ids.dtype)
+            weights[has, 0] = (img >= 0).to(weights.dtype)
         if input_ids is not None and any(self._names):
+            if self.text_by_name:  # a query without an image reaches an expert with names only by naming it
+                named = torch.tensor([bool(n) for n in self._names], device=ids.device)
+                drop = (ids >= 0) & named[ids.long().clamp_min(0)]
+                if has is not None:
+                    drop &= ~has.to(ids.device).unsqueeze(1)
+                if bool(drop.any()):
+                    ids = torch.where(drop, torch.full_like(ids, -1), ids)
+                    weights = torch.where(drop, torch.zeros_like(weights), weights)
             hits = self.name_hits(input_ids, attention_mask)
             rows = [b for b, h in enumerate(hits) if h]
             if rows:
@@ -851,7 +1170,7 @@ class Gate:
         idx = start[e].unsqueeze(-1) + j                              # [B, k, P_max]
         valid = j < counts[e].unsqueeze(-1)
         idx = torch.where(valid, idx, start[e].unsqueeze(-1)).clamp_max(max(P.shape[0] - 1, 0))
-        u = self._unit_z(features.to(ids.device))                     # [B, D]
+        u = self._unit_z(self._text(features).to(ids.device))         # [B, D]
         G = P.index_select(0, idx.reshape(-1)).view(*idx.shape, P.shape[1])  # [B, k, P_max, D_b]
         # a broadcast multiply-sum: bmm / einsum with one column is several times slower on CPU
         sims = (G * u[:, None, None, :]).sum(-1).masked_fill(~valid, float("-inf")).amax(-1)  # [B, k]
@@ -872,7 +1191,11 @@ class Gate:
         return {"layer": self.layer, "dim": self.dim, "pooling": self.pooling, "head": self.head,
                 "target_fpr": self.target_fpr, "calib_share": self.calib_share, "l2": self.l2, "seed": self.seed,
                 "max_iter": self.max_iter, "similarity": self.similarity, "n_protos": self.n_protos,
-                "sim_quantile": self.sim_quantile, "bound_dim": self.bound_dim}
+                "sim_quantile": self.sim_quantile, "bound_dim": self.bound_dim, "image_dim": self.image_dim,
+                "image_token_id": self.image_token_id, "image_bound_dim": self.image_bound_dim,
+                "n_image_protos": self.n_image_protos, "image_floor": self.image_floor,
+                "image_similarity": self.image_similarity, "image_candidates": self.image_candidates,
+                "text_by_name": self.text_by_name}
 
     def save(self, path) -> Path:
         """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
@@ -892,6 +1215,12 @@ class Gate:
             tensors["basis"] = self.basis.detach().cpu().contiguous().clone()
         tensors.update(protos=self._P[:sum(self._pcount)].detach().cpu().contiguous().clone(),
                        sim_bounds=self.sim_bounds.contiguous())
+        if self.img_mean is not None:
+            tensors.update(img_mean=self.img_mean.detach().cpu().clone(), img_std=self.img_std.detach().cpu().clone(),
+                           image_protos=self._IP[:self._n_image].detach().cpu().contiguous().clone(),
+                           image_background=self._BG.detach().cpu().contiguous().clone())
+            if self.img_basis is not None:
+                tensors["img_basis"] = self.img_basis.detach().cpu().contiguous().clone()
         data = _st_save(tensors)
         sha = hashlib.sha256(data).hexdigest()
         name = f"gate-{sha[:16]}.safetensors"
@@ -899,6 +1228,7 @@ class Gate:
         meta = {"format": GATE_FORMAT, "version": GATE_FORMAT_VERSION, "config": self.config(),
                 "expert_ids": list(self.expert_ids), "heads": list(self._heads), "proto_counts": list(self._pcount),
                 "names": [[list(seq) for seq in n] for n in self._names],
+                "image_groups": [[[c, t] for c, t in g] for g in self._igroups],
                 "tensors": name, "sha256": sha,
                 "reports": {k: asdict(v) for k, v in self.reports.items()}}
         atomic_write_bytes(folder / GATE_JSON, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
@@ -971,6 +1301,20 @@ class Gate:
                              protos=protos if protos is not None else None,
                              proto_counts=counts if protos is not None else None, sim_bounds=t.get("sim_bounds"),
                              names=names)
+        if "img_mean" in t:
+            groups = meta.get("image_groups")
+            n = sum(int(c) for g in (groups or []) for c, _ in g)
+            if not isinstance(groups, list) or len(groups) != E or \
+                    tuple(t["img_mean"].shape) != (gate.image_dim,) or "image_protos" not in t or \
+                    t["image_protos"].shape[0] != n:
+                raise ValueError(f"{tpath}: image channel tensors do not match image_groups / image_dim of {jpath}")
+            gate.img_mean, gate.img_std = t["img_mean"], t["img_std"]
+            gate.img_basis = t.get("img_basis")
+            gate._IP, gate._BG = t["image_protos"], t["image_background"]
+            gate._igroups = [[(int(c), float(tau)) for c, tau in g] for g in groups]
+            gate._img_cache = None
+        elif E and gate.image_dim:
+            gate._igroups = [[] for _ in range(E)]
         gate.reports = {k: HeadReport(**v) for k, v in meta.get("reports", {}).items()}
         return gate
 
