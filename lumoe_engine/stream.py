@@ -680,8 +680,10 @@ def _new_gate(cfg: StreamConfig, model):
     if head is not None and "head" in inspect.signature(Gate).parameters:
         kw["head"] = head
     image_id = image_token_id_of(model)
+    if image_id is not None:  # tells queries with an image (Gate.text_by_name), with or without the image channel
+        kw["image_token_id"] = image_id
     if cfg.gate_image and image_id is not None:  # the image channel (Gate): [mean, max] of layer L's image states
-        kw.update(image_dim=2 * hidden, image_token_id=image_id)
+        kw["image_dim"] = 2 * hidden
     return Gate(**kw)
 
 

@@ -346,7 +346,7 @@ def test_gate_eval_on_taught_default(tmp_path):
     similarity bound for queries without an image, the image channel for queries with one, the name channel) meets
     every target of the issue in both settings. Measured here, per_task / per_entity: route_acc image+text 1.0 / 1.0,
     text-only 1.0 / 1.0, paraphrase 0.972 / 0.977 (fresh images 0.875 / 0.9: not a target), fpr_retain 0.0 / 0.0,
-    fpr_unrequested 0.0039 / 0.0058."""
+    fpr_unrequested 0.0 / 0.0 (0.0039 / 0.0058 before text_by_name)."""
     from lumoe_engine.gate.evaluate import TARGETS, gate_eval
 
     s = gate_eval(tmp_path, sweep=False, progress=False)

@@ -69,6 +69,7 @@ def test_text_by_name_drops_the_heads_choice_of_an_expert_with_names_unless_name
     x = torch.randn(3, D)
     ids, mask = _ids([[1, 4, 4], [1, 11, 4], [1, 7, 8]])
     g = _gate([[[7, 8]], [[9]], [[11]]], fire=2)            # expert 2 has a name now
+    g.image_token_id = 3                                    # no prompt holds it: every row is without an image
     assert g.route(x, 1)[1][:, 0].tolist() == [2, 2, 2]     # no prompts: the heads alone
     assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [-1, 2, 0]
     g.text_by_name = False                                  # off: the heads' choice stands where no name is
@@ -188,3 +189,14 @@ def test_stream_request_names():
     assert request_names(Request(id="x", forget=[r], retain=[], entities=("Vorla Quintessa", "Brask Olden")),
                          tok) == [[0, 1], [2, 3]]
     assert request_names(Request(id="y", forget=[r, r], retain=[], entities=()), tok) == [[2, 3]]
+
+
+def test_text_by_name_tells_image_rows_by_the_image_token_without_an_image_channel():
+    """No image channel: rows whose prompt holds the image token keep the heads' choice; rows without one reach an
+    expert with names only by naming it; a gate that knows no image token drops nothing."""
+    x = torch.randn(2, D)
+    ids, mask = _ids([[1, 4, 5, 4], [1, 5, 5, 5]])          # row 0 has image tokens (id 4), row 1 none
+    g = _gate([[[7, 8]]], fire=0)
+    assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [0, 0]  # no image token known
+    g.image_token_id = 4
+    assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [0, -1]

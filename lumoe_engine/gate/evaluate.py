@@ -73,7 +73,9 @@ SUMMARY_FILE = "gate_summary.json"
 #   name channel (a prompt naming a forgotten entity): text-only paraphrases 0.61 / 0.65 -> 1.0 / 1.0;
 #   image channel (queries with an image routed by their image positions' [mean, max] at layer L, which a rewording
 #   cannot move; nearest picture with a per-entity bound and a background of negatives' pictures): image+text
-#   1.0 / 1.0, paraphrase 0.972 / 0.977, fresh images 0.875 / 0.9, fpr_retain 0 / 0, fpr_unrequested 0.004 / 0.006.
+#   1.0 / 1.0, paraphrase 0.972 / 0.977, fresh images 0.875 / 0.9, fpr_retain 0 / 0, fpr_unrequested 0.004 / 0.006;
+#   the rest were text-only queries the heads sent to a request of the same class: with ``text_by_name`` (a query
+#   without an image reaches an expert with names only by naming it) fpr_unrequested 0 / 0.
 # Before fixing it, the image features were compared on the distinct pictures alone (288: 8 per entity): at layer 1
 # [mean, max] separates a forget entity's fresh pictures from never-requested entities' best (AUROC 0.993; mean 0.983,
 # layers 0-3 within 0.96-0.99). One bound per request instead of per entity let 18-25% of the never-requested

@@ -43,8 +43,8 @@ owner of the nearest prototype if that is an expert's and the cosine reaches the
 lowest similarity of one of the group's images to its nearest other image (leave one out; at least
 ``image_floor``; ``image_similarity`` for a group of one image). Everything in standardised, unit, projected
 (``image_bound_dim`` principal directions, at most one fewer than the distinct images it is fitted on) image space,
-fitted once like the feature standardiser. Queries without
-an image keep the heads (and the bound). Revoking an expert removes its image prototypes.
+fitted once like the feature standardiser. Queries without an image keep the heads (and the bound). Revoking an
+expert removes its image prototypes.
 
 Name channel (``add_expert(names=...)``): a request may also give the token-id sequences of the names it forgets
 (``name_token_ids``: each entity's name as the tokenizer writes it inside a prompt). ``route(features,
@@ -54,8 +54,9 @@ default: text-only queries in the held-out phrasing family reached the right exp
 heads and the bound alone). With ``text_by_name`` (default), a query without an image reaches an expert that has
 names only through them: the heads' choice of such an expert is dropped unless the prompt names it (on the taught
 embedded default the heads sent 12% of the text-only queries about never-requested entities to a request whose
-entities share their class and wording; a text-only query is about an entity when it names it). Experts without
-names, and queries routed without ``input_ids``, keep the heads' decision. Names are saved with the gate.
+entities share their class and wording; a text-only query is about an entity when it names it). Rows with an image
+are told by the image columns, else by ``image_token_id`` in the prompt; with neither, and for experts without
+names or queries routed without ``input_ids``, the heads' decision stands. Names are saved with the gate.
 
 Letters: B queries, D feature width (``dim``), F head input width (D or 2 D), E experts, H stacked sub-heads (>= E),
 k top-k, P positives (P_max: most prototypes of one expert), Q negatives, S prompt positions.
@@ -1104,11 +1105,13 @@ class Gate:
             ids[has, 0] = img.to(ids.dtype)
             weights[has, 0] = (img >= 0).to(weights.dtype)
         if input_ids is not None and any(self._names):
-            if self.text_by_name:  # a query without an image reaches an expert with names only by naming it
+            # a query without an image reaches an expert with names only by naming it; which rows have an image:
+            # the image columns (image channel), else the prompt's image tokens (image_token_id), else unknown (off)
+            img_rows = has if has is not None else \
+                (input_ids == self.image_token_id).any(1) if self.image_token_id is not None else None
+            if self.text_by_name and img_rows is not None:
                 named = torch.tensor([bool(n) for n in self._names], device=ids.device)
-                drop = (ids >= 0) & named[ids.long().clamp_min(0)]
-                if has is not None:
-                    drop &= ~has.to(ids.device).unsqueeze(1)
+                drop = (ids >= 0) & named[ids.long().clamp_min(0)] & ~img_rows.to(ids.device).unsqueeze(1)
                 if bool(drop.any()):
                     ids = torch.where(drop, torch.full_like(ids, -1), ids)
                     weights = torch.where(drop, torch.zeros_like(weights), weights)
