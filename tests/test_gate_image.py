@@ -102,6 +102,12 @@ def test_group_bound_is_the_weakest_nearest_neighbour_with_a_floor():
     S = u @ u.t()
     S.fill_diagonal_(-2)
     assert g.reports["a"].image_bounds[0] == pytest.approx(float(S.amax(1).min()), abs=1e-6)
+    loose = Gate(layer=0, dim=D, image_dim=DI, similarity=None, image_floor=-1.0, image_bound_dim=None,
+                 image_slack=2.0)
+    loose.add_expert("a", _queries(pics, 3, 5), bg)                  # twice the weakest neighbour's distance
+    assert loose.reports["a"].image_bounds[0] == pytest.approx(1 - 2 * (1 - float(S.amax(1).min())), abs=1e-6)
+    with pytest.raises(ValueError, match="image_slack"):
+        Gate(layer=0, dim=D, image_dim=DI, image_slack=0.0)
     # one picture: the default bound; a high floor lifts a loose group
     g2 = Gate(layer=0, dim=D, image_dim=DI, similarity=None, image_similarity=0.97, image_floor=0.99)
     g2.add_expert("one", _queries(pics[:1], 4, 6), bg)

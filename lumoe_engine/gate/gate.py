@@ -40,8 +40,12 @@ and bound). With the image channel, a query *with* an image is routed by its ima
 every expert's image prototypes (the distinct images of its positives, per positive group) and a gate-wide
 background (the distinct images of the negatives it was shown that belong to no expert); the query goes to the
 owner of the nearest prototype if that is an expert's and the cosine reaches the group's bound ``tau_g`` = the
-lowest similarity of one of the group's images to its nearest other image (leave one out; at least
-``image_floor``; ``image_similarity`` for a group of one image). Everything in standardised, unit, projected
+lowest similarity of one of the group's images to its nearest other image (leave one out), its distance to 1
+stretched by ``image_slack`` (``1 - slack * (1 - lowest)``; at least ``image_floor``; ``image_similarity`` for a
+group of one image). ``image_slack`` trades fresh pictures of a forgotten entity against look-alikes (taught
+embedded default, per_task / per_entity, fresh-picture recall and never-requested false positives: slack 1 (the
+default) 0.875 / 0.9 and 0 / 0; 1.5: 0.975 / 0.95 and 0.016 / 0; 2: 0.975 / 0.975 and 0.049 / 0; 3: 1.0 / 1.0 and
+0.13 / 0.016). Everything in standardised, unit, projected
 (``image_bound_dim`` principal directions, at most one fewer than the distinct images it is fitted on) image space,
 fitted once like the feature standardiser. Queries without an image keep the heads (and the bound). Revoking an
 expert removes its image prototypes.
@@ -332,7 +336,8 @@ class Gate:
                  similarity: Optional[float] = 0.9, n_protos: int = 64, sim_quantile: Optional[float] = 0.02,
                  bound_dim: Optional[int] = 128, image_dim: int = 0, image_token_id: Optional[int] = None,
                  image_bound_dim: Optional[int] = 128, n_image_protos: int = 16, image_floor: float = 0.9,
-                 image_similarity: float = 0.95, image_candidates: int = 4, text_by_name: bool = True):
+                 image_similarity: float = 0.95, image_candidates: int = 4, text_by_name: bool = True,
+                 image_slack: float = 1.0):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -381,6 +386,9 @@ class Gate:
             float(image_similarity)
         self.image_candidates = image_candidates
         self.text_by_name = bool(text_by_name)
+        if not float(image_slack) > 0:
+            raise ValueError(f"image_slack={image_slack!r}: expected > 0 (1: the weakest neighbour's distance)")
+        self.image_slack = float(image_slack)
         self.img_mean: Optional[torch.Tensor] = None   # [D_img] image standardiser (frozen once set)
         self.img_std: Optional[torch.Tensor] = None
         self.img_basis: Optional[torch.Tensor] = None  # [D_img, D_bi] principal directions (None: no projection)
@@ -769,7 +777,7 @@ class Gate:
             if len(u) > 1:
                 S = u @ u.t()
                 S.fill_diagonal_(-2.0)
-                tau = max(self.image_floor, float(S.amax(1).min()))
+                tau = max(self.image_floor, 1.0 - self.image_slack * (1.0 - float(S.amax(1).min())))
             else:
                 tau = self.image_similarity
             out.append((u.contiguous(), float(tau)))
@@ -1198,7 +1206,7 @@ class Gate:
                 "image_token_id": self.image_token_id, "image_bound_dim": self.image_bound_dim,
                 "n_image_protos": self.n_image_protos, "image_floor": self.image_floor,
                 "image_similarity": self.image_similarity, "image_candidates": self.image_candidates,
-                "text_by_name": self.text_by_name}
+                "text_by_name": self.text_by_name, "image_slack": self.image_slack}
 
     def save(self, path) -> Path:
         """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
