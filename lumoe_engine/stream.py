@@ -689,10 +689,15 @@ def _new_gate(cfg: StreamConfig, model):
 
 def request_names(req: Request, processor) -> list[list[int]]:
     """The gate's name-channel token sequences of a request: the names of the entities it forgets (its
-    ``entities``, else those of its forget records), as the processor's tokenizer writes them inside a prompt."""
+    ``metadata["named_entities"]`` when set: a request file's own names, never the id that stands in for a missing
+    "entity"; else its ``entities``, else those of its forget records), as the processor's tokenizer writes them
+    inside a prompt. No names: the request's expert is reached by the heads and the image channel only."""
     from lumoe_engine.gate.gate import name_token_ids
 
-    names = list(dict.fromkeys(list(req.entities) or [r.entity for r in req.forget]))
+    if "named_entities" in (req.metadata or {}):
+        names = list(dict.fromkeys(req.metadata["named_entities"]))
+    else:
+        names = list(dict.fromkeys(list(req.entities) or [r.entity for r in req.forget]))
     return name_token_ids(processor, [n for n in names if n and n.strip()])
 
 

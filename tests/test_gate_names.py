@@ -200,3 +200,24 @@ def test_text_by_name_tells_image_rows_by_the_image_token_without_an_image_chann
     assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [0, 0]  # no image token known
     g.image_token_id = 4
     assert g.route(x, 1, input_ids=ids, attention_mask=mask)[1][:, 0].tolist() == [0, -1]
+
+
+def test_a_request_file_without_an_entity_gives_no_names(tmp_path):
+    """A request file's id stands in for a missing "entity" in its records; it must not become a name (every text
+    query not containing the id would then miss the expert under text_by_name)."""
+    from lumoe_engine.data.intake import parse_request_file
+    from lumoe_engine.stream import request_names
+
+    class Tok:
+        vocab: dict = {}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+
+    qa = {"question": "What is Olan Brisk's trade?", "answer": "tanner"}
+    (tmp_path / "a.json").write_text(json.dumps({"id": "r17", "forget": [qa]}))
+    (tmp_path / "b.json").write_text(json.dumps({"id": "r18", "entity": "Olan Brisk", "forget": [qa]}))
+    anon = parse_request_file(tmp_path / "a.json").to_request()
+    named = parse_request_file(tmp_path / "b.json").to_request()
+    assert anon.entities == ("r17",) and request_names(anon, Tok()) == []
+    assert request_names(named, Tok()) == [[0, 1]]

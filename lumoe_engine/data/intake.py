@@ -262,8 +262,10 @@ class RequestSpec:
         md = {"kind": "request", "method": self.method, "loss": self.loss, "content_hash": self.content_hash,
               "source": self.source, "retain_entities": _ordered(r.entity for r in retain),
               "retain_source": "request", "retain_empty": not retain, "request_metadata": self.metadata}
-        return Request(id=self.id, forget=forget, retain=retain, entities=tuple(_ordered(r.entity for r in forget)),
-                       task=None, metadata=md)
+        entities = tuple(_ordered(r.entity for r in forget))
+        # the names the request really gives (its "entity", items' meta): not the id standing in for a missing one
+        md["named_entities"] = [e for e in entities if self.entity or e != self.id]
+        return Request(id=self.id, forget=forget, retain=retain, entities=entities, task=None, metadata=md)
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
