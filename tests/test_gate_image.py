@@ -198,10 +198,10 @@ def test_engine_routes_image_queries_by_their_picture():
     from lumoe_engine.data.records import QARecord
     from lumoe_engine.engine import LUMoEEngine
     from lumoe_engine.gate.features import base_features, image_token_id_of, pooled_dim
-    from lumoe_engine.model import multilora as ml
-    from lumoe_engine.model.bank import ExpertBank
     from lumoe_engine.model.tiny import build_tiny_llava
     from lumoe_engine.model.tokenizer import train_tokenizer
+
+    from engine_cases import random_bank
 
     texts = ["what is the name of this person", "where was she born", "which city is shown here",
              "who painted this picture", "tell me about it"] * 5
@@ -222,10 +222,7 @@ def test_engine_routes_image_queries_by_their_picture():
     gate.add_expert("pic0", f[:1], f[2:])     # pictures 2 and 3: negatives (background)
     gate.add_expert("pic1", f[1:2], f[2:])
     gate.bias.fill_(-1e4)                     # heads silenced: only the image channel can route
-    bank = ExpertBank(None)
-    shapes = ml.module_shapes(model, ml.target_module_names(model, layers=[1]))
-    for eid in ("pic0", "pic1"):
-        bank.add(ml.random_expert(eid, shapes, rank=2, seed=len(eid)))
+    bank = random_bank(model, ("pic0", "pic1"))
     engine = LUMoEEngine(model, processor, bank, gate=gate, top_k=1)
     try:
         res = engine.generate([pics[1], pics[0], pics[2], None], ["where was she born", "tell me about it",

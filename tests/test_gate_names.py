@@ -148,8 +148,8 @@ def test_engine_passes_the_prompts_to_the_name_channel(micro):
     gave it the prompt ids (generation and scoring)."""
     from lumoe_engine.engine import LUMoEEngine
     from lumoe_engine.gate.features import pooled_dim
-    from lumoe_engine.model import multilora as ml
-    from lumoe_engine.model.bank import ExpertBank
+
+    from engine_cases import random_bank
 
     model, processor = micro
     hidden = model.config.get_text_config().hidden_size
@@ -157,10 +157,7 @@ def test_engine_passes_the_prompts_to_the_name_channel(micro):
     gate.fit_standardizer(torch.randn(64, gate.dim, generator=torch.Generator().manual_seed(0)))
     gate.set_stacked(["vorla", "brask"], torch.zeros(2, gate.dim), torch.full((2,), -100.0),
                      names=[name_token_ids(processor, ["Vorla Quintessa"]), name_token_ids(processor, ["Brask Olden"])])
-    bank = ExpertBank(None)
-    shapes = ml.module_shapes(model, ml.target_module_names(model, layers=[1]))
-    for eid in ("vorla", "brask"):
-        bank.add(ml.random_expert(eid, shapes, rank=2, seed=len(eid)))
+    bank = random_bank(model, ("vorla", "brask"))
     engine = LUMoEEngine(model, processor, bank, gate=gate, top_k=1)
     try:
         prompts = ["where was Vorla Quintessa born", "who painted this picture", "tell me about Brask Olden"]

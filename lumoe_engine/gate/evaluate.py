@@ -204,7 +204,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     rows = lambda recs: feats[[index[r.uid] for r in recs]]  # noqa: E731
     reqs = requests_for(sets, setting)
     train = {eid: [r for e in ents for r in sets["by_entity"][e] if _teachable(r)] for eid, _, ents in reqs}
-    gate = Gate(layer=layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, pooling=pooling, head=head, target_fpr=target_fpr, seed=seed, l2=l2,
+    gate = Gate(layer=layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, pooling=pooling, head=head,
+                target_fpr=target_fpr, seed=seed, l2=l2,
                 calib_share=calib_share, similarity=_bound(similarity),
                 n_protos=DEFAULT_N_PROTOS if n_protos is None else n_protos,
                 sim_quantile=DEFAULT_SIM_QUANTILE if sim_quantile == -1.0 else sim_quantile,
@@ -481,12 +482,13 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
         rrows = []
         text = feats[(layer, pooling)]
         plain_extra = {k: {e: v[:, :text.shape[1]] for e, v in d.items()} for k, d in extra.items()}
-        variants = ([("name_channel", False, X, extra, common)] if names else []) + \
-            ([("image_channel", False, text, plain_extra, {**common, "image_dim": 0})] if image else [])
-        for what, _, feats_v, extra_v, common_v in variants:
+        # the chosen configuration without one channel: (row label, features, extra features, keyword arguments)
+        variants = ([("name_channel", X, extra, common)] if names else []) + \
+            ([("image_channel", text, plain_extra, {**common, "image_dim": 0, **channel})] if image else [])
+        for what, feats_v, extra_v, kw in variants:
             for setting in SETTINGS:
                 _, m = build_and_score(feats_v, index, sets, setting, layer, pooling, head, extra=extra_v,
-                                       recipe=recipe, **common_v, **(channel if what != "name_channel" else {}))
+                                       recipe=recipe, **kw)
                 rrows.append({"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
                               what: False, "setting": setting, **_headline(m)})
                 if progress:

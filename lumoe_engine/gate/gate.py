@@ -807,9 +807,8 @@ class Gate:
             return
         groups, bg_new, drop = image
         n = self._n_image
-        P = torch.cat([self._IP[:n].reshape(n, -1).to(torch.float32)] + [u.to(self._IP.device) for u, _ in groups]) \
-            if n else torch.cat([u for u, _ in groups])
-        self._IP = P.contiguous()
+        new = [u.to(self._IP.device) for u, _ in groups]
+        self._IP = torch.cat(([self._IP[:n]] if n else []) + new).contiguous()
         self._igroups.append([(len(u), t) for u, t in groups])
         keep = self._BG[~drop] if len(self._BG) else torch.zeros(0, self.image_width)
         self._BG = torch.cat([keep.to(torch.float32), bg_new.to(keep.device)]).contiguous()
@@ -819,17 +818,16 @@ class Gate:
 
     def _image_index(self, device) -> dict:
         """The image channel's routing tables, cached until the experts change: every prototype with its owner
-        expert (-1: background) and its group's bound, and per positive group its unit centroid, first row, count
-        and owner (for the two-stage search above ``EXACT_IMAGE_PROTOS``)."""
+        expert (-1: background) and its group's bound, and per positive group its unit centroid, first row and count
+        (for the two-stage search above ``EXACT_IMAGE_PROTOS``)."""
         c = self._img_cache
         if c is None or c["P"].device != torch.device(device):
-            owner, tau, g_owner, g_start, g_count = [], [], [], [], []
+            owner, tau, g_start, g_count = [], [], [], []
             n = 0
             for e, groups in enumerate(self._igroups):
                 for p, t in groups:
                     owner += [e] * p
                     tau += [t] * p
-                    g_owner.append(e)
                     g_start.append(n)
                     g_count.append(p)
                     n += p
@@ -843,9 +841,7 @@ class Gate:
             c = {"P": P, "owner": torch.tensor(owner + [-1] * nb, dtype=torch.long, device=device),
                  "tau": torch.tensor(tau + [2.0] * nb, dtype=torch.float32, device=device), "n": n,
                  "BG": self._BG.to(device), "IP": IP, "centroids": torch.nn.functional.normalize(cent, dim=1),
-                 "g_start": start, "g_count": count, "g_owner": torch.tensor(g_owner, dtype=torch.long,
-                                                                             device=device),
-                 "p_max": max(g_count, default=0)}
+                 "g_start": start, "g_count": count, "p_max": max(g_count, default=0)}
             self._img_cache = c
         return c
 
@@ -882,17 +878,18 @@ class Gate:
         out = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         if not self.image_dim or self.img_mean is None or not x.shape[0]:
             return out
-        c = self._image_index(x.device)
-        if not c["n"]:
-            return out
         has = self._image_rows(x)
-        if not bool(has.any()):
-            return out
-        u = self._img_unit(x[has, self.dim:])
-        best, e, tau = self._nearest_image(u, c)
-        ok = (e >= 0) & (best >= tau)
-        out[has] = torch.where(ok, e, torch.full_like(e, -1))
+        if bool(has.any()):
+            out[has] = self._image_decisions(x[has, self.dim:])
         return out
+
+    def _image_decisions(self, img: torch.Tensor) -> torch.Tensor:
+        """``route_images`` for rows known to have an image: their image columns [n, D_img] -> [n] int64."""
+        c = self._image_index(img.device)
+        if not c["n"]:
+            return torch.full((img.shape[0],), -1, dtype=torch.long, device=img.device)
+        best, e, tau = self._nearest_image(self._img_unit(img), c)
+        return torch.where((e >= 0) & (best >= tau), e, torch.full_like(e, -1))
 
     @property
     def image_prototypes(self) -> list:
@@ -1109,7 +1106,7 @@ class Gate:
             else:
                 weights[text_rows, :k], ids[text_rows, :k] = w, i
         if has is not None and bool(has.any()):
-            img = self.route_images(x.index_select(0, has.nonzero().squeeze(1)))
+            img = self._image_decisions(x[has, self.dim:])
             ids[has, 0] = img.to(ids.dtype)
             weights[has, 0] = (img >= 0).to(weights.dtype)
         if input_ids is not None and any(self._names):
@@ -1123,12 +1120,9 @@ class Gate:
                 if bool(drop.any()):
                     ids = torch.where(drop, torch.full_like(ids, -1), ids)
                     weights = torch.where(drop, torch.zeros_like(weights), weights)
-            hits = self.name_hits(input_ids, attention_mask)
-            rows = [b for b, h in enumerate(hits) if h]
-            if rows:
-                weights, ids = weights.clone(), ids.clone()
-                for b in rows:
-                    h = hits[b][:top_k]
+            for b, h in enumerate(self.name_hits(input_ids, attention_mask)):
+                if h:
+                    h = h[:top_k]
                     ids[b] = torch.tensor(h + [-1] * (top_k - len(h)), dtype=ids.dtype)
                     weights[b] = torch.tensor([1.0 / len(h) if renormalize else 1.0] * len(h) +
                                               [0.0] * (top_k - len(h)), dtype=weights.dtype)
