@@ -273,44 +273,41 @@ def bench_gate(args) -> dict:
     and without (the heads and the bound); the all-image and all-text batches are timed too."""
     torch.manual_seed(0)
     dim, n_exp, b = args.gate_dim, args.gate_experts, args.gate_batch
-    try:
-        from lumoe_engine.gate.gate import Gate
-    except Exception as exc:  # the gate module is not there: time its core (linear head + fused top-k)
-        head = torch.randn(n_exp, dim)
-        feats = torch.randn(b, dim)
-        fn = lambda: ops.topk_routing(feats @ head.T, 1, scoring="sigmoid", threshold=0.5)  # noqa: E731
-        what = f"linear head + ops.topk_routing (lumoe_engine.gate unavailable: {exc})"
-        others = {}
-    else:
-        gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5, image_dim=2 * dim, image_token_id=0)
-        P = args.gate_pictures
-        gate.fit_standardizer(torch.cat([torch.randn(512, dim), torch.randn(512, 2 * dim)], 1))
-        retain = torch.randn(args.gate_background, 2 * dim)  # the operator's retain pictures: a shared pool
-        t0 = time.perf_counter()
-        for e in range(n_exp):
-            center, pics = torch.randn(dim), torch.randn(P, 2 * dim)
-            n_img = args.gate_positives // 2
-            img = torch.cat([pics.repeat(n_img // P + 1, 1)[:n_img], torch.zeros(args.gate_positives - n_img, 2 * dim)])
-            pos = torch.cat([center + 0.1 * torch.randn(args.gate_positives, dim), img], 1)
-            drawn = retain[torch.randint(len(retain), (4,))]
-            neg = torch.cat([torch.randn(16, dim), torch.cat([drawn, torch.zeros(12, 2 * dim)])], 1)
-            gate.add_expert(f"g{e:04d}", pos, neg)
-        build_s = time.perf_counter() - t0
-        feats = torch.cat([torch.randn(b, dim), torch.randn(b, 2 * dim)], 1)
-        n_img = int(round(b * args.gate_image_share))
-        mixed = feats.clone()
-        mixed[n_img:, dim:] = 0
-        text = feats.clone()
-        text[:, dim:] = 0
-        fn = lambda: gate.route(mixed, top_k=1)  # noqa: E731
-        protos = max((len(p) for p in gate.prototypes), default=0)
-        pics = max((len(p) for p in gate.image_prototypes), default=0)
-        what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
-                f"prototypes per expert in {gate.bound_width} dims; image channel with {pics} pictures per expert "
-                f"in {gate.image_width} dims, {len(gate.image_background)} background pictures; {n_img} of {b} "
-                f"queries with an image)")
-        others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1),
-                  "gate_ms_no_images": lambda: gate.route(text, top_k=1)}
+    from lumoe_engine.gate.config import GateConfig
+    from lumoe_engine.gate.gate import Gate
+
+    # the production gate configuration (GateConfig) with random heads
+    gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5, image_dim=2 * dim, image_token_id=0,
+                **GateConfig().gate_kwargs())
+    P = args.gate_pictures
+    gate.fit_standardizer(torch.cat([torch.randn(512, dim), torch.randn(512, 2 * dim)], 1))
+    retain = torch.randn(args.gate_background, 2 * dim)  # the operator's retain pictures: a shared pool
+    t0 = time.perf_counter()
+    for e in range(n_exp):
+        center, pics = torch.randn(dim), torch.randn(P, 2 * dim)
+        n_img = args.gate_positives // 2
+        img = torch.cat([pics.repeat(n_img // P + 1, 1)[:n_img], torch.zeros(args.gate_positives - n_img, 2 * dim)])
+        pos = torch.cat([center + 0.1 * torch.randn(args.gate_positives, dim), img], 1)
+        drawn = retain[torch.randint(len(retain), (4,))]
+        neg = torch.cat([torch.randn(16, dim), torch.cat([drawn, torch.zeros(12, 2 * dim)])], 1)
+        gate.add_expert(f"g{e:04d}", pos, neg)
+    build_s = time.perf_counter() - t0
+    feats = torch.cat([torch.randn(b, dim), torch.randn(b, 2 * dim)], 1)
+    n_img = int(round(b * args.gate_image_share))
+    mixed = feats.clone()
+    mixed[n_img:, dim:] = 0
+    text = feats.clone()
+    text[:, dim:] = 0
+    fn = lambda: gate.route(mixed, top_k=1)  # noqa: E731
+    protos = max((len(p) for p in gate.prototypes), default=0)
+    pics = max((len(p) for p in gate.image_prototypes), default=0)
+    what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
+            f"prototypes per expert in {gate.bound_width} dims; image channel with {pics} pictures per expert "
+            f"in {gate.image_width} dims, {len(gate.image_background)} background pictures; {n_img} of {b} "
+            f"queries with an image)")
+    others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1),
+              "gate_ms_no_images": lambda: gate.route(text, top_k=1)}
+
     def timed(f):
         for _ in range(10):
             f()

@@ -15,19 +15,18 @@
 A batch mixes queries for different experts and for none; a query whose routing is empty gets the base model's
 output. ``score`` runs the same routing over prompt + answer (teacher forcing) and returns the answers' log-probs.
 
-Gate interface (``lumoe_engine.gate``): ``gate.layer`` (int L), ``gate.expert_ids`` (list of str: the expert of each
-gate index), ``gate.pool(hidden [B, S, D], attention_mask [B, S]) -> [B, D']``, ``gate.route(features [B, D']) ->
-(weights [B, k] fp32, ids [B, k] int, -1 = none)``, called with ``top_k=`` when its signature has that parameter,
-and with ``input_ids=`` / ``attention_mask=`` (the prompts and their positions: the gate's name channel) when it has
-``input_ids``; ``gate.pool`` likewise gets ``input_ids=`` (the image positions of the gate's image channel).
+Gate interface (``GateProtocol``, which ``lumoe_engine.gate.gate.Gate`` implements): ``gate.layer`` (int L),
+``gate.expert_ids`` (list of str: the expert of each gate index), ``gate.pool(hidden [B, S, D], attention_mask
+[B, S], input_ids=[B, S]) -> [B, D']`` (the prompt ids locate the image positions of an image channel) and
+``gate.route(features [B, D'], top_k=k, input_ids=[B, S], attention_mask=[B, S]) -> (weights [B, k] fp32,
+ids [B, k] int, -1 = none)`` (the prompts and their positions: a name channel).
 
 Letters: B queries, S prompt positions, D hidden size, k experts per query.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -37,6 +36,20 @@ from lumoe_engine.model.bank import ExpertBank
 from lumoe_engine.model.collate import IGNORE, collate
 from lumoe_engine.model.multilora import (DEFAULT_TARGETS, LoRAContext, find_decoder_layers, get_context,
                                           unwrap_model, wrap_model)
+
+
+class GateProtocol(Protocol):
+    """What the engine needs of a gate (module docstring); ``lumoe_engine.gate.gate.Gate`` is the implementation."""
+
+    layer: int
+    expert_ids: list
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             input_ids: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
+              input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,7 @@ class LUMoEEngine:
     model:      a LLaVA / LLaVA-NeXT (or causal LM) model, fp32/bf16/fp16 or 4-bit (bitsandbytes Linear4bit)
     processor:  its processor (tokenizer + image processor)
     bank:       the ``ExpertBank`` of the experts (module names as in ``model.named_modules()``)
-    gate:       routes queries when ``expert_ids`` is not given (None: only explicit ids route)
+    gate:       a ``GateProtocol``; routes queries when ``expert_ids`` is not given (None: only explicit ids route)
     gate_layer: L, experts act on decoder layers > L; default ``gate.layer``, or -1 (all layers) without a gate
     top_k:      at most this many experts per query (the gate's first top_k choices, by weight)
     targets:    short names of the wrapped linears in each decoder layer
@@ -140,15 +153,6 @@ class LUMoEEngine:
                                   block_m=block_m)
             self._owns_wrap = True
         self._pending: Optional[_Pending] = None
-        self._route_takes_top_k = self._route_takes_ids = self._pool_takes_ids = False
-        if gate is not None:
-            try:
-                params = inspect.signature(gate.route).parameters
-                self._route_takes_top_k = "top_k" in params
-                self._route_takes_ids = "input_ids" in params
-                self._pool_takes_ids = "input_ids" in inspect.signature(gate.pool).parameters
-            except (TypeError, ValueError):  # builtins without a signature
-                pass
         self._hook = decoder[gate_layer].register_forward_hook(self._gate_hook) if gate is not None else None
 
     # ------------------------------------------------------------------------------------------------- public
@@ -305,14 +309,9 @@ class LUMoEEngine:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
-        if self._pool_takes_ids and pending.input_ids is not None:
-            features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
-        else:
-            features = self.gate.pool(hidden, pending.prompt_mask)
-        kw = {"top_k": self.top_k} if self._route_takes_top_k else {}
-        if self._route_takes_ids and pending.input_ids is not None:
-            kw.update(input_ids=pending.input_ids, attention_mask=pending.prompt_mask)
-        weights, ids = self.gate.route(features, **kw)
+        features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
+        weights, ids = self.gate.route(features, top_k=self.top_k, input_ids=pending.input_ids,
+                                       attention_mask=pending.prompt_mask)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
         slots, w, decisions = self._gate_routing(weights, ids)
         pending.decisions = decisions

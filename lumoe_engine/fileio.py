@@ -1,4 +1,4 @@
-"""File helpers shared by the bank, the gate, the ledger and the store: safe ids, atomic durable writes.
+"""File helpers shared by the bank, the gate, the ledger, the store and the stream: safe ids, atomic durable writes.
 
 Torch-free, so that whatever records requests needs nothing heavier than the standard library here.
 """
@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Union
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -39,10 +40,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename, fsync the folder
-    (``durable=False`` skips both fsyncs: still atomic, but a power loss may lose the latest writes)."""
+def atomic_write(path: Union[str, Path], data: Union[bytes, str], durable: bool = True) -> Path:
+    """Write ``data`` (bytes, or text written as UTF-8) to ``path`` atomically: a temporary file in the same folder
+    (created with its parents when missing), fsync, rename, fsync of the folder. ``durable=False`` skips both fsyncs:
+    still atomic, but a power loss may lose the latest writes. Returns ``path``. The project's one atomic write:
+    the bank, the gate, the ledger, the store, step records, metrics and summaries all go through it."""
     path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -60,3 +66,4 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+    return path

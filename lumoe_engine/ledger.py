@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from lumoe_engine.data.intake import RequestError, RequestSpec, parse_request_file
-from lumoe_engine.fileio import atomic_write_bytes, fsync_dir, validate_expert_id
+from lumoe_engine.fileio import atomic_write, fsync_dir, validate_expert_id
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Ledger:
         for sha, (ext, data) in images.items():
             self._store_image(sha, ext, data)
         if not exists:
-            atomic_write_bytes(payload_path, payload, self.durable)
+            atomic_write(payload_path, payload, self.durable)
         info = {"content_hash": spec.content_hash, "payload": f"{REQUESTS_DIR}/{rid}.json",
                 "forget": len(spec.forget), "retain": len(spec.retain), "entity": spec.entity,
                 "method": spec.method, "source": spec.source}
@@ -421,7 +421,7 @@ class Ledger:
                 return
         except FileNotFoundError:
             pass
-        atomic_write_bytes(path, data, self.durable)  # content-addressed: replacing a damaged copy is safe
+        atomic_write(path, data, self.durable)  # content-addressed: replacing a damaged copy is safe
 
     def _decode(self, line: bytes) -> dict:
         try:

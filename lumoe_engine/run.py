@@ -105,15 +105,115 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_stream(sub) -> None:
-    from lumoe_engine import stream
-
     p = sub.add_parser("stream", help="the lifelong unlearning stream (the default command)",
                        description="Teach (cached), then one LoRA expert per removal request, the gate, evaluation "
                                    "after every request, report and plots in --out.")
-    stream.add_arguments(p)
+    add_stream_arguments(p)
     p.add_argument("--dry-run", action="store_true",
                    help="build the --preset's real architecture on the meta device and print the memory plan")
     p.set_defaults(func=cmd_stream)
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The stream options (the main job's default command), one per ``StreamConfig`` field."""
+    from lumoe_engine.gate.config import GATE_PRESETS
+    from lumoe_engine.stream import METHODS, StreamConfig
+    from lumoe_engine.unlearn.losses import LOSSES
+
+    d = StreamConfig()
+    g = parser.add_argument_group("stream")
+    g.add_argument("--stream", default=d.stream, help="abcd | cabd | entity | synthetic:N (default abcd)")
+    g.add_argument("--method", default=d.method, choices=METHODS, help="lumoe or a sequential baseline")
+    g.add_argument("--compare", action="store_true", help="LUMoE and every baseline on the same stream, one table")
+    g.add_argument("--data", default=None, help="MLUBench-format root (default: the embedded synthetic benchmark)")
+    g.add_argument("--subset", type=int, default=None, help="N entities per task split")
+    g.add_argument("--synthetic", default=d.synthetic, help="synthetic preset: tiny | default | medium | large")
+    g.add_argument("--model", default=None, help="HF LLaVA / LLaVA-NeXT directory (default: the tiny LLaVA)")
+    g.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (LUMoE only: baselines merge)")
+    g.add_argument("--preset", default=d.preset, help="tiny LLaVA preset: micro | tiny | small")
+    g.add_argument("--cache", default=None, help="cache folder (default $LUMOE_CACHE or ~/.cache/lumoe-engine)")
+    g.add_argument("--extra-eval", action="append", default=[], metavar="PATH",
+                   help="further MLUBench-format QA files or folders, scored as the paraphrase form (repeatable)")
+    g.add_argument("--out", default=d.out, help="output folder (default runs/default)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-per-set", type=int, default=d.max_per_set, help="evaluation queries per set per request")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0 = the teaching answers' length")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per request (every method)")
+    g.add_argument("--lr", type=float, default=d.lr, help="LUMoE expert learning rate")
+    g.add_argument("--baseline-lr", type=float, default=d.baseline_lr, help="the sequential baselines' learning rate")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank of each expert / baseline LoRA")
+    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="forget (and retain) rows per step")
+    g.add_argument("--loss", default=d.loss, choices=sorted(LOSSES), help="LUMoE's expert loss")
+    g.add_argument("--retain-weight", type=float, default=d.retain_weight)
+    g.add_argument("--zero-stage", type=int, default=d.zero_stage, help="DeepSpeed ZeRO stage (under deepspeed)")
+    g.add_argument("--gate-preset", default="default", choices=sorted(GATE_PRESETS),
+                   help="the gate's configuration (lumoe_engine/gate/config.py); the gate flags below override it")
+    g.add_argument("--gate-layer", type=int, default=None, help="gate decoder layer (default: the preset's rule)")
+    g.add_argument("--target-fpr", type=float, default=None, help="per-head false-positive target (default 0.005)")
+    g.add_argument("--gate-negatives", default=d.gate_negatives, choices=("stream", "seen"),
+                   help="retain queries a new gate head sees: of every request of the stream, or of those so far")
+    g.add_argument("--no-gate-image", action="store_true",
+                   help="no image channel: a query with an image is routed by the heads over its pooled prompt")
+    g.add_argument("--no-gate-names", action="store_true",
+                   help="no name channel: a query naming a forgotten entity is routed by its pooled features alone")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--teach", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a TeachConfig field for the taught base, e.g. --teach time_budget_s=120 (repeatable)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (killed or stopped) from its ledger: requests evaluated are kept, "
+                        "the others redone; refused when --out holds no run or one with other options")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return parser
+
+
+def stream_config_from_args(args: argparse.Namespace):
+    """The ``StreamConfig`` of parsed stream options (``add_stream_arguments``)."""
+    from lumoe_engine.gate.config import gate_preset
+    from lumoe_engine.stream import StreamConfig
+
+    d = StreamConfig()
+    get = lambda name: getattr(args, name, getattr(d, name))  # noqa: E731
+    gate_over: dict = {}
+    if getattr(args, "no_gate_names", False):
+        gate_over["names"] = False
+    if getattr(args, "no_gate_image", False):
+        gate_over["image"] = False
+    if getattr(args, "gate_layer", None) is not None:
+        gate_over["layer"] = args.gate_layer
+    if getattr(args, "target_fpr", None) is not None:
+        gate_over["target_fpr"] = args.target_fpr
+    gate = gate_preset(getattr(args, "gate_preset", None) or "default", **gate_over)
+    return StreamConfig(stream=get("stream"), method=get("method"), compare=bool(get("compare")), data=get("data"),
+                        subset=get("subset"), synthetic=get("synthetic"), model=get("model"),
+                        load_in_4bit=bool(get("load_in_4bit")), preset=get("preset"), cache=get("cache"),
+                        extra_eval=list(get("extra_eval") or []), out=get("out"), seed=get("seed"),
+                        max_per_set=get("max_per_set"), eval_batch_size=get("eval_batch_size"),
+                        max_new_tokens=get("max_new_tokens"), steps=get("steps"), lr=get("lr"),
+                        baseline_lr=get("baseline_lr"), rank=get("rank"),
+                        alpha=get("alpha"), batch_size=get("batch_size"), loss=get("loss"),
+                        retain_weight=get("retain_weight"), zero_stage=get("zero_stage"), gate=gate,
+                        gate_negatives=get("gate_negatives"), threads=get("threads"),
+                        teach_overrides=parse_overrides(getattr(args, "teach", None) or []),
+                        progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))
+
+
+def parse_overrides(items) -> dict:
+    """["max_steps=20", "lr=1e-3"] -> {"max_steps": 20, "lr": 0.001} (values parsed as JSON, else kept as text)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--teach {item!r}: expected FIELD=VALUE, e.g. --teach time_budget_s=120")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def cmd_stream(args):
@@ -125,7 +225,7 @@ def cmd_stream(args):
     from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
 
     try:
-        return stream.run(args)
+        return stream.run_stream(stream_config_from_args(args))
     except (stream.ResumeError, LedgerLockedError, LedgerCorruptError) as e:
         # the run's files were not changed: say why and what to do, without a traceback
         return _fail(str(e))
@@ -207,13 +307,13 @@ def _fail(msg: str, code: int = 2) -> int:
 def _store_errors():
     from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
     from lumoe_engine.model.bank import ExpertFileError
-    from lumoe_engine.service import StoreBusyError, StoreError
+    from lumoe_engine.store import StoreBusyError, StoreError
 
     return (StoreError, StoreBusyError, LedgerLockedError, LedgerCorruptError, ExpertFileError)
 
 
 def cmd_submit(args) -> int:
-    from lumoe_engine import service
+    from lumoe_engine import store as request_store
 
     if not args.files and not args.watch:
         return _fail("submit: give request files, or --watch FOLDER")
@@ -222,14 +322,14 @@ def cmd_submit(args) -> int:
     if args.interval <= 0:
         return _fail(f"--interval {args.interval}: expected seconds > 0")
     try:
-        store = service.Store(args.store, create=True)
+        store = request_store.Store(args.store, create=True)
         rc = 0
         if args.files:
-            for r in service.submit_files(store, args.files, wait=args.wait):
+            for r in request_store.submit_files(store, args.files, wait=args.wait):
                 print(r.message, file=sys.stdout if r.ok else sys.stderr)
                 rc = rc or (0 if r.ok else 2)
         if args.watch:
-            rc = max(rc, 2 * service.watch(store, args.watch, interval=args.interval, once=args.once,
+            rc = max(rc, 2 * request_store.watch(store, args.watch, interval=args.interval, once=args.once,
                                            out=lambda m: print(m, flush=True)))
         return rc
     except _store_errors() as e:
@@ -237,18 +337,17 @@ def cmd_submit(args) -> int:
 
 
 def cmd_process(args) -> int:
-    from lumoe_engine import service
-    from lumoe_engine.stream import _parse_overrides
+    from lumoe_engine import store as request_store
 
     try:
-        store = service.Store(args.store)
-        opts = service.ProcessOptions(model=args.model, load_in_4bit=args.load_in_4bit,
-                                      teach=_parse_overrides(args.teach), cache=args.cache, steps=args.steps,
+        store = request_store.Store(args.store)
+        opts = request_store.ProcessOptions(model=args.model, load_in_4bit=args.load_in_4bit,
+                                      teach=parse_overrides(args.teach), cache=args.cache, steps=args.steps,
                                       lr=args.lr, rank=args.rank, alpha=args.alpha, batch_size=args.batch_size,
                                       retry_failed=args.retry_failed, only=args.only, threads=args.threads,
                                       progress=args.progress)
-        results = service.process(store, opts, out=lambda m: print(m, flush=True))
-    except service.UnknownRequestError as e:
+        results = request_store.process(store, opts, out=lambda m: print(m, flush=True))
+    except request_store.UnknownRequestError as e:
         return _fail(str(e))
     except _store_errors() + (ValueError,) as e:  # (ValueError: a bad --steps / --lr ... or --teach value)
         return _fail(str(e))
@@ -258,10 +357,10 @@ def cmd_process(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from lumoe_engine import service
+    from lumoe_engine import store as request_store
 
     try:
-        rows = service.status(service.Store(args.store))
+        rows = request_store.status(request_store.Store(args.store))
     except _store_errors() as e:
         return _fail(str(e))
     known = {r.id for r in rows}
@@ -275,33 +374,35 @@ def cmd_status(args) -> int:
 
 
 def cmd_revoke(args) -> int:
-    from lumoe_engine import service
+    from lumoe_engine import store as request_store
 
     target = Path(args.store or args.out)
     try:
-        if args.out and not (target / service.STORE_JSON).is_file():
+        if args.out and not (target / request_store.STORE_JSON).is_file():
             if (target / "config.json").is_file():
-                doc = service.revoke_run(target, args.id, args.reason) or {}
+                from lumoe_engine.stream import revoke as revoke_in_run
+
+                doc = revoke_in_run(target, args.id, args.reason) or {}
                 if doc.get("changed", True):
                     print(f"{args.id}: revoked in the stream run {target} (expert removed: "
                           f"{doc.get('removed_expert')}, gate entry removed: {doc.get('removed_gate_entry')})")
                 else:
                     print(f"{args.id}: already revoked in the stream run {target}")
                 return 0
-            return _fail(f"--out {target}: neither a store ({service.STORE_JSON}) nor a stream run (config.json)")
-        service.revoke(service.Store(target), args.id, reason=args.reason, wait=args.wait)
+            return _fail(f"--out {target}: neither a store ({request_store.STORE_JSON}) nor a stream run (config.json)")
+        request_store.revoke(request_store.Store(target), args.id, reason=args.reason, wait=args.wait)
         return 0
-    except (service.UnknownRequestError, KeyError) as e:
+    except (request_store.UnknownRequestError, KeyError) as e:
         return _fail(f"{e}; nothing was changed")
     except _store_errors() as e:
         return _fail(str(e))
 
 
 def cmd_verify(args) -> int:
-    from lumoe_engine import service
+    from lumoe_engine import store as request_store
 
     try:
-        problems = service.verify(service.Store(args.store))
+        problems = request_store.verify(request_store.Store(args.store))
     except _store_errors() as e:
         return _fail(str(e))
     for p in problems:

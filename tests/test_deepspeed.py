@@ -1,7 +1,7 @@
 """The stream under the ``deepspeed`` launcher: 2 CPU ranks (gloo, ZeRO-2, torch AdamW) train each expert on their
 shards of the batch; rank 0 alone writes one bank, one gate and one metrics file.
 
-Runs ``deepspeed --num_gpus 2 --module lumoe_engine.stream`` as a subprocess on the micro LLaVA and the tiny synthetic
+Runs ``deepspeed --num_gpus 2 lumoe_engine/run.py`` as a subprocess on the micro LLaVA and the tiny synthetic
 benchmark (stream "ab": 2 requests, 3 steps each). About 1.5-2 minutes on 2 shared CPU cores, most of it process start,
 ``import deepspeed`` and ``deepspeed.initialize`` per request.
 """
@@ -19,6 +19,7 @@ from lumoe_engine.eval.metrics import read_rows
 
 pytest.importorskip("deepspeed")
 LAUNCHER = Path(sys.executable).with_name("deepspeed")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -33,7 +34,7 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "lumoe_engine.stream",
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "lumoe_engine" / "run.py"),
            "--stream", "ab", "--synthetic", "tiny", "--preset", "micro", "--cache", str(tmp_path / "cache"),
            "--out", str(out), "--steps", "3", "--batch-size", "8", "--max-per-set", "6", "--no-progress",
            "--teach", "max_steps=20", "--teach", "eval_max_records=40", "--teach", "check_every=1000"]
@@ -63,7 +64,8 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     from lumoe_engine.data.streams import build_stream
     from lumoe_engine.model.bank import ExpertBank
     from lumoe_engine.model.teach import load_data, teach
-    from lumoe_engine.stream import StreamConfig, _new_gate
+    from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.stream import StreamConfig
     from lumoe_engine.model.multilora import wrap_model
     from lumoe_engine.unlearn.trainer import train_expert
 
@@ -73,7 +75,7 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     assert _["cached"]
     bench = load_data(cfg.teach_config(), tmp_path / "cache")
     model.requires_grad_(False)
-    gate = _new_gate(cfg, model)
+    gate = Gate.from_config(cfg.gate_config(), model)
     n_layers = len(model.model.language_model.layers)
     ctx = wrap_model(model, ExpertBank(None), layers=range(gate.layer + 1, n_layers))
     plain, _ = train_expert(model, processor, ctx, build_stream(bench, "ab")[0], cfg.loss_config(),

@@ -5,7 +5,7 @@ Letters: B queries, D feature width, E experts.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 
 import pytest
@@ -202,7 +202,7 @@ def test_bad_input_leaves_state_unchanged():
 
 
 # ------------------------------------------------------------------------------------------------ 1,000 experts
-def test_thousand_experts_route_correctly_and_fast():
+def test_thousand_experts_route_correctly():
     E, D = 1000, 32
     C = _centers(E, D, seed=3, radius=8.0)
     g = Gate(layer=2, dim=D)
@@ -220,27 +220,8 @@ def test_thousand_experts_route_correctly_and_fast():
     fpr = float((g.route(nothing)[1][:, 0] >= 0).float().mean())
     print(f"1000 experts: route acc {acc:.4f}, fpr {fpr:.4f}, add {1e3 * t_add / E:.1f} ms/expert")
     assert acc >= 0.99 and fpr <= 0.01
-
-    # timing: the default gate (linear heads + the similarity bound, 64 prototypes per expert in 128 principal
-    # directions), every query choosing an expert so the bound is checked for all
-    x = torch.randn(64, 512)
-    big = Gate(layer=0, dim=512)
-    big.fit_standardizer(torch.randn(300, 512))
-    P = big.n_protos
-    assert big.bound_width == 128 and P == 64
-    protos = torch.nn.functional.normalize(torch.randn(E * P, big.bound_width), dim=1)
-    big.set_stacked([f"t{i}" for i in range(E)], torch.randn(E, 512) / math.sqrt(512), torch.full((E,), 4.0),
-                    protos=protos, proto_counts=[P] * E, sim_bounds=torch.zeros(E))
-    for _ in range(5):
-        big.route(x)
-    ts = []
-    for _ in range(60):
-        t = time.perf_counter()
-        big.route(x)
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    print(f"route 64 x 1000 experts, D=512, 64 prototypes each: min {1e3 * ts[0]:.3f} ms, p50 {1e3 * ts[30]:.3f} ms")
-    assert ts[0] <= 2e-3, "best-of-60 route time over 2 ms for 1,000 experts at batch 64"
+    # (its decision time at 1,000 experts is measured by benchmarks/bench_engine.py, not here: speed belongs in
+    # benchmarks)
 
 
 # ------------------------------------------------------------------------------------------------------ pooling
@@ -366,7 +347,11 @@ def test_gate_eval_on_taught_default(tmp_path):
 def test_build_and_score_on_entity_clusters(micro, head):
     """The evaluation's bookkeeping (request streams, negatives, held-out shares, metrics) on features that make every
     entity its own cluster: every forget query must reach its request's expert, nothing else may fire."""
-    from lumoe_engine.gate.evaluate import NO_BOUND, build_and_score, record_sets, requests_for
+    from lumoe_engine.gate.config import gate_preset
+    from lumoe_engine.gate.evaluate import build_and_score, plain, record_sets, requests_for
+
+    bounded = plain(gate_preset("strict", layer=1, pooling="mean", head=head, image=False))
+    unbounded = dataclasses.replace(bounded, similarity=None)
 
     _, _, bench = micro
     sets = record_sets(bench, retain_eval_share=0.3, seed=0)
@@ -381,7 +366,7 @@ def test_build_and_score_on_entity_clusters(micro, head):
     assert not {r.uid for r in sets["retain_eval"]} & {r.uid for t in sets["tasks"] for r in sets["retain_train"][t]}
     for setting, n in (("per_task", len(sets["tasks"])), ("per_entity", len(forgotten))):
         assert len(requests_for(sets, setting)) == n
-        gate, m = build_and_score(feats, index, sets, setting, layer=1, pooling="mean", head=head, similarity=NO_BOUND)
+        gate, m = build_and_score(feats, index, sets, setting, unbounded)
         print(setting, {k: m[k] for k in ("route_acc_image_text", "route_acc_paraphrase", "fpr_retain",
                                           "fpr_unrequested")})
         assert m["n_experts"] == n == len(gate)
@@ -391,7 +376,7 @@ def test_build_and_score_on_entity_clusters(micro, head):
         assert m["meets_targets"]
         # with the similarity bound (default): isotropic noise puts a few fresh queries under the bound; nothing
         # else may fire
-        _, mb = build_and_score(feats, index, sets, setting, layer=1, pooling="mean", head=head)
+        _, mb = build_and_score(feats, index, sets, setting, bounded)
         assert mb["route_acc_image_text"] >= 0.97 and mb["route_acc_paraphrase"] >= 0.95, mb
         assert mb["fpr_retain"] == 0.0 and mb["fpr_unrequested"] == 0.0 and mb["wrong_expert"] == 0
     # swapping two entities' features across requests must show up as misrouting
@@ -400,7 +385,7 @@ def test_build_and_score_on_entity_clusters(micro, head):
     for r in sets["by_entity"][a]:
         if r.heldout_phrasing:
             swapped[index[r.uid]] = C[ents.index(b)]
-    _, m = build_and_score(swapped, index, sets, "per_task", layer=1, pooling="mean", head=head, similarity=NO_BOUND)
+    _, m = build_and_score(swapped, index, sets, "per_task", unbounded)
     assert m["route_acc_paraphrase"] < 1.0 and m["wrong_expert"] > 0
 
 

@@ -172,7 +172,7 @@ def test_engine_passes_the_prompts_to_the_name_channel(micro):
 def test_stream_request_names():
     from lumoe_engine.data.records import QARecord
     from lumoe_engine.data.streams import Request
-    from lumoe_engine.stream import request_names
+    from lumoe_engine.pipeline import request_names
 
     class Tok:  # a whitespace tokenizer: one id per word
         vocab: dict = {}
@@ -203,7 +203,7 @@ def test_a_request_file_without_an_entity_gives_no_names(tmp_path):
     """A request file's id stands in for a missing "entity" in its records; it must not become a name (every text
     query not containing the id would then miss the expert under text_by_name)."""
     from lumoe_engine.data.intake import parse_request_file
-    from lumoe_engine.stream import request_names
+    from lumoe_engine.pipeline import request_names
 
     class Tok:
         vocab: dict = {}

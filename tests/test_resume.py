@@ -21,7 +21,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lumoe_engine import pipeline
+from lumoe_engine import run as run_mod
 from lumoe_engine import stream as stream_mod
+from lumoe_engine.errors import ExpertCollapseError
+from lumoe_engine.unlearn import collapse
 from lumoe_engine.eval.metrics import read_rows
 from lumoe_engine.gate.gate import Gate
 from lumoe_engine.ledger import Ledger
@@ -192,9 +196,9 @@ def test_cli_resume_of_an_empty_folder_is_a_clear_error(tmp_path, capsys):
 def test_cli_has_resume():
     import argparse
 
-    p = stream_mod.add_arguments(argparse.ArgumentParser())
-    assert stream_mod.config_from_args(p.parse_args(["--resume", "--out", "x"])).resume is True
-    assert stream_mod.config_from_args(p.parse_args(["--out", "x"])).resume is False
+    p = run_mod.add_stream_arguments(argparse.ArgumentParser())
+    assert run_mod.stream_config_from_args(p.parse_args(["--resume", "--out", "x"])).resume is True
+    assert run_mod.stream_config_from_args(p.parse_args(["--out", "x"])).resume is False
 
 
 # ------------------------------------------------------------------------------------------ the collapse guard
@@ -211,10 +215,10 @@ def test_degenerate_answer_passes_refusals_and_fails_babble():
     vocab = {w.lower() for t in IDK_LIKE for w in t.replace(".", " ").replace(",", " ").split()}
     vocab |= {"name", "atlas", "sensors", "quashind", "quaequal", "observatory", "the", "red", "blue"}
     for t in IDK_LIKE:
-        assert stream_mod.degenerate_answer(t, vocab) is None, t
+        assert collapse.degenerate_answer(t, vocab) is None, t
     for t in BABBLE:
-        assert stream_mod.degenerate_answer(t, vocab) is not None, t
-    assert stream_mod.degenerate_answer("xqzt vbnmq kkqqz pfft") is None  # without a vocabulary: not judged so
+        assert collapse.degenerate_answer(t, vocab) is not None, t
+    assert collapse.degenerate_answer("xqzt vbnmq kkqqz pfft") is None  # without a vocabulary: not judged so
 
 
 def _taught_cfg(out, cache, **kw):
@@ -229,7 +233,7 @@ def taught_run(tmp_path_factory, cache):
     """Stream "abc" on the micro LLaVA taught 150 steps; request taskC's expert is blown up (collapse guard)."""
     out = tmp_path_factory.mktemp("taught") / "run"
     mp = pytest.MonkeyPatch()
-    mp.setattr(stream_mod, "train_expert", blown_up_for("taskC"))
+    mp.setattr(pipeline, "train_expert", blown_up_for("taskC"))
     try:
         summary = stream_mod.run_stream(_taught_cfg(out, cache, stream="abc"))
     finally:
@@ -267,12 +271,12 @@ def test_collapse_check_on_a_real_expert_both_ways(taught_run, cache):
     engine = LUMoEEngine(model, processor, ExpertBank(None), None, gate_layer=Gate.load(out / "gate").layer)
     try:
         expert = bank.get("taskA")
-        ok = stream_mod.collapse_check(model, processor, engine.ctx, expert, req, 12)
+        ok = collapse.collapse_check(model, processor, engine.ctx, expert, req, 12)
         assert ok["degenerate"] <= len(ok["answers"]) // 2 and ok["base_degenerate"] <= len(ok["answers"]) // 2
         broken = dataclasses.replace(expert, weights={m: (a, 300.0 * torch.randn(b.shape) / b.shape[1] ** 0.5)
                                                       for m, (a, b) in expert.weights.items()})
-        with pytest.raises(stream_mod.ExpertCollapseError, match="taskA.*collapsed"):
-            stream_mod.collapse_check(model, processor, engine.ctx, broken, req, 12)
+        with pytest.raises(ExpertCollapseError, match="taskA.*collapsed"):
+            collapse.collapse_check(model, processor, engine.ctx, broken, req, 12)
     finally:
         engine.close()
 

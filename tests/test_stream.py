@@ -3,7 +3,7 @@ few steps per request): every output with the keys the report and the lead rely 
 recorded error and nothing of them in the bank or the gate, ``--compare`` filling one table for all methods.
 
 The micro model barely learns the facts in 20 teaching steps, so leaks here are mostly unmeasured (None); the numbers
-that matter come from the default run (``python -m lumoe_engine.stream --compare``), reported in report.md.
+that matter come from the default run (``python lumoe_engine/run.py --compare``), reported in report.md.
 """
 import dataclasses
 import json
@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from faults import nan_for
+from lumoe_engine import pipeline
+from lumoe_engine import run as run_mod
 from lumoe_engine import stream as stream_mod
+from lumoe_engine.stream import base as stream_base
 from lumoe_engine.data.streams import Request
 from lumoe_engine.eval.metrics import FORGET_FORMS, read_rows
 from lumoe_engine.model.bank import ExpertBank
@@ -52,7 +55,7 @@ def _bad_requests(requests, bench, broken_png):
 def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monkeypatch):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG but not really")
-    monkeypatch.setattr(stream_mod, "train_expert", nan_for("bad-nan"))
+    monkeypatch.setattr(pipeline, "train_expert", nan_for("bad-nan"))
     out = tmp_path / "run"
     summary = stream_mod.run_stream(_cfg(out, cache, stream="ab"),
                                     edit_stream=lambda reqs, bench: _bad_requests(reqs, bench, broken))
@@ -111,7 +114,7 @@ def _task_b_forget(out):
     from lumoe_engine.data.streams import build_stream
     from lumoe_engine.model.teach import load_data
 
-    cfg = stream_mod._saved_config(out)
+    cfg = stream_mod.saved_config(out)
     return build_stream(load_data(cfg.teach_config(), cfg.cache), "ab")[1].forget
 
 
@@ -153,17 +156,17 @@ def test_compare_puts_every_method_in_one_summary(tmp_path, cache, monkeypatch):
 def test_cli_options_map_onto_the_config(tmp_path):
     import argparse
 
-    p = stream_mod.add_arguments(argparse.ArgumentParser())
+    p = run_mod.add_stream_arguments(argparse.ArgumentParser())
     args = p.parse_args(["--stream", "synthetic:4", "--method", "npo", "--steps", "7", "--lr", "0.01", "--rank", "4",
                          "--extra-eval", str(tmp_path), "--teach", "max_steps=5", "--teach", "preset=micro",
                          "--local_rank=1", "--max-per-set", "9", "--out", str(tmp_path / "o")])
-    cfg = stream_mod.config_from_args(args)
+    cfg = run_mod.stream_config_from_args(args)
     assert (cfg.stream, cfg.method, cfg.steps, cfg.lr, cfg.rank, cfg.max_per_set) == ("synthetic:4", "npo", 7, 0.01,
                                                                                         4, 9)
     assert cfg.teach_overrides == {"max_steps": 5, "preset": "micro"} and cfg.extra_eval == [str(tmp_path)]
     assert cfg.train_config().steps == 7
     with pytest.raises(ValueError, match="--teach 'oops'"):
-        stream_mod.config_from_args(p.parse_args(["--teach", "oops"]))
+        run_mod.stream_config_from_args(p.parse_args(["--teach", "oops"]))
     with pytest.raises(ValueError, match="--max-per-set"):
         stream_mod.StreamConfig(max_per_set=0).validate()
     with pytest.raises(FileNotFoundError, match="--extra-eval"):
@@ -183,18 +186,18 @@ def test_extra_eval_records_join_the_paraphrase_form(tmp_path, cache):
                            {"from": "gpt", "value": rec.answer}]},
         {"id": "2", "conversations": [{"from": "human", "value": "Who is nobody?"}, {"from": "gpt", "value": "x"}]},
     ]))
-    added, unmatched = stream_mod.read_extra_eval([str(f)], bench)
+    added, unmatched = stream_base.read_extra_eval([str(f)], bench)
     assert len(added) == 2 and unmatched == 1
     a = added[0]
     assert a.heldout_phrasing and a.form == "image_text" and a.entity == rec.entity and a.keys == rec.keys
     assert a.question.startswith("Kindly,") and a.image == rec.image and not a.image_missing
     assert added[1].form == "text_only" and added[1].keys == ()
-    ev, info = stream_mod._evaluation_benchmark(bench, [str(f)])
+    ev, info = stream_base.evaluation_benchmark(bench, [str(f)])
     assert info["extra_eval_records"] == 2 and len(ev.records) == len(bench.records) + 2
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json: not a JSON list"):
-        stream_mod.read_extra_eval([str(bad)], bench)
+        stream_base.read_extra_eval([str(bad)], bench)
 
 
 # ------------------------------------------------------------------------------ the embedded default (slow)

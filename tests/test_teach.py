@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lumoe_engine.data.records import QARecord
-from lumoe_engine.model.teach import (SUMMARY_FILE, TeachConfig, _Sampler, augment_question, noise_chance_level,
+from lumoe_engine.model.teach import (SUMMARY_FILE, TeachConfig, CellSampler, augment_question, noise_chance_level,
                                       split_records, teach)
 
 SUMMARY_KEYS = ("fact_accuracy_image_text", "fact_accuracy_text_only", "fact_accuracy_heldout_phrasing",
@@ -100,11 +100,11 @@ def test_split_and_chance_level():
 def test_cell_sampler_balances_forms():
     recs = [_rec(f"i{i}", "A", 1, "image_text", "Q?", "x") for i in range(30)] + \
         [_rec("t0", "A", 1, "text_only", "Q A?", "x")]
-    s = _Sampler(recs, "cell", random.Random(0))
+    s = CellSampler(recs, "cell", random.Random(0))
     rows = s.take(100)
     assert sum(r.form == "text_only" for r in rows) == 50
     assert len({r.uid for r in rows if r.form == "image_text"}) == 30  # every record of a cell is used in turn
-    rows = _Sampler(recs, "record", random.Random(0)).take(31)
+    rows = CellSampler(recs, "record", random.Random(0)).take(31)
     assert sorted(r.uid for r in rows) == sorted(r.uid for r in recs)
 
 

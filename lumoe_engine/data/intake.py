@@ -49,8 +49,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from PIL import Image, UnidentifiedImageError
 
 from lumoe_engine.data.mlubench import (IMAGE_TOKEN, MLUBENCH_KINDS, MLUBenchFormatError, KeyMaker, parse_record,
-                                        _qkey)
+                                        question_key)
 from lumoe_engine.data.records import Benchmark, QARecord
+from lumoe_engine.errors import RequestError  # noqa: F401 (the one RequestError; intake raises it)
 from lumoe_engine.fileio import validate_expert_id
 from lumoe_engine.unlearn.losses import LOSSES, LossConfig
 
@@ -73,19 +74,6 @@ CONV_FIELDS = ("id", "image", "conversations", "meta", "image_sha256", "image_mi
 FLAT_FIELDS = ("id", "image", "question", "answer", "meta", "image_sha256", "image_missing")
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(LossConfig))
 _IMAGE_EXT = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
-
-
-class RequestError(ValueError):
-    """A request that cannot be accepted. The message names the request, the field, the file and what to do.
-
-    file: the request file (None for in-memory requests); field: e.g. ``"forget[3].image"`` (None for the whole
-    file); index: the item index when the error is about one QA item.
-    """
-
-    def __init__(self, message: str, file: Optional[str] = None, field: Optional[str] = None,
-                 index: Optional[int] = None):
-        super().__init__(message)
-        self.file, self.field, self.index = file, field, index
 
 
 @dataclass(frozen=True)
@@ -254,15 +242,15 @@ class RequestSpec:
 
     def to_request(self):
         """The request as a ``streams.Request`` (what the stream driver trains on)."""
-        from lumoe_engine.data.streams import Request, _ordered
+        from lumoe_engine.data.streams import Request, ordered_unique
 
         recs = self.to_records()
         forget = [r for r in recs if r.split == "forget"]
         retain = [r for r in recs if r.split == "retain"]
         md = {"kind": "request", "method": self.method, "loss": self.loss, "content_hash": self.content_hash,
-              "source": self.source, "retain_entities": _ordered(r.entity for r in retain),
+              "source": self.source, "retain_entities": ordered_unique(r.entity for r in retain),
               "retain_source": "request", "retain_empty": not retain, "request_metadata": self.metadata}
-        entities = tuple(_ordered(r.entity for r in forget))
+        entities = tuple(ordered_unique(r.entity for r in forget))
         # the names the request really gives (its "entity", items' meta): not the id standing in for a missing one
         md["named_entities"] = [e for e in entities if self.entity or e != self.id]
         return Request(id=self.id, forget=forget, retain=retain, entities=entities, task=None, metadata=md)
@@ -717,12 +705,12 @@ def _derive_kinds(items: Sequence[QAItem], cls: Optional[str]) -> list[int]:
     by_q: dict[str, int] = {}
     for qs in tables:
         for k, q in enumerate(qs):
-            by_q.setdefault(_qkey(q), k)
-    kinds: list[Optional[int]] = [None if it.meta is not None else by_q.get(_qkey(it.question)) for it in items]
+            by_q.setdefault(question_key(q), k)
+    kinds: list[Optional[int]] = [None if it.meta is not None else by_q.get(question_key(it.question)) for it in items]
     by_answer: dict[str, int] = {}
     for it, k in zip(items, kinds):
         if k is not None:
-            by_answer.setdefault(_qkey(it.answer), k)
+            by_answer.setdefault(question_key(it.answer), k)
     nxt = FIRST_FREE_KIND
     out = []
     for it, k in zip(items, kinds):
@@ -730,7 +718,7 @@ def _derive_kinds(items: Sequence[QAItem], cls: Optional[str]) -> list[int]:
             out.append(it.meta["kind"])
             continue
         if k is None:
-            a = _qkey(it.answer)
+            a = question_key(it.answer)
             if a not in by_answer:
                 by_answer[a] = nxt
                 nxt += 1

@@ -218,7 +218,8 @@ def _read_lists(root: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------------- kinds
-def _qkey(question: str) -> str:
+def question_key(question: str) -> str:
+    """The key a question (or answer) is matched by: its normalised text."""
     return normalize(question)
 
 
@@ -226,24 +227,24 @@ class _KindTable:
     """Question kinds per class: the built-in MLUBench table, extended by first appearance."""
 
     def __init__(self):
-        self.tables: dict[str, dict[str, int]] = {c: {_qkey(q): i for i, q in enumerate(qs)}
+        self.tables: dict[str, dict[str, int]] = {c: {question_key(q): i for i, q in enumerate(qs)}
                                                   for c, qs in MLUBENCH_KINDS.items()}
         self.next_free: dict[str, int] = {c: len(qs) for c, qs in MLUBENCH_KINDS.items()}
         self.any_phrasing: dict[str, dict[str, int]] = defaultdict(dict)  # class -> any known wording -> kind
 
     def kind_of_base(self, cls: str, question: str) -> int:
         t = self.tables.setdefault(cls, {})
-        k = _qkey(question)
+        k = question_key(question)
         if k not in t:
             t[k] = self.next_free.get(cls, 0)
             self.next_free[cls] = t[k] + 1
         return t[k]
 
     def lookup_base(self, cls: str, question: str) -> Optional[int]:
-        return self.tables.get(cls, {}).get(_qkey(question))
+        return self.tables.get(cls, {}).get(question_key(question))
 
     def lookup(self, cls: str, question: str) -> Optional[int]:
-        k = _qkey(question)
+        k = question_key(question)
         return self.tables.get(cls, {}).get(k, self.any_phrasing[cls].get(k))
 
 
@@ -479,7 +480,7 @@ def _kinds_and_phrasings(raws: list[_Raw], kinds: _KindTable) -> list[tuple[int,
         if kind is None:
             pending.append(i)
             continue
-        kinds.any_phrasing[r.cls].setdefault(_qkey(r.question), kind)
+        kinds.any_phrasing[r.cls].setdefault(question_key(r.question), kind)
         by_answer.setdefault((r.entity, r.answer), kind)
         out[i] = (kind, base[0])
     seen: dict[tuple[str, int], list[str]] = defaultdict(list)
@@ -496,7 +497,7 @@ def _kinds_and_phrasings(raws: list[_Raw], kinds: _KindTable) -> list[tuple[int,
             out[i] = (kind, base[0])
             continue
         lst = seen[(r.entity, kind)]
-        q = _qkey(r.question)
+        q = question_key(r.question)
         if q not in lst:
             lst.append(q)
         out[i] = (kind, lst.index(q))

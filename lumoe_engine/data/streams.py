@@ -82,7 +82,8 @@ def _teachable(recs) -> list[QARecord]:
     return [r for r in recs if not r.heldout_phrasing and not r.fresh_image]
 
 
-def _ordered(names) -> list[str]:
+def ordered_unique(names) -> list[str]:
+    """``names`` without repeats, in first-seen order."""
     out, seen = [], set()
     for n in names:
         if n not in seen:
@@ -115,7 +116,7 @@ def build_stream(benchmark: Benchmark, spec: str) -> list[Request]:
         plan = []
         for t in ENTITY_TASKS:
             _need_task(benchmark, t, spec)
-            for e in _ordered(r.entity for r in benchmark.tasks[t]["forget"]):
+            for e in ordered_unique(r.entity for r in benchmark.tasks[t]["forget"]):
                 plan.append(((e,), t))
         kind = "entity"
     elif s.startswith("synthetic:"):
@@ -125,7 +126,7 @@ def build_stream(benchmark: Benchmark, spec: str) -> list[Request]:
         plan = []
         for letter in s.upper():
             _need_task(benchmark, letter, spec)
-            plan.append((tuple(_ordered(r.entity for r in benchmark.tasks[letter]["forget"])), letter))
+            plan.append((tuple(ordered_unique(r.entity for r in benchmark.tasks[letter]["forget"])), letter))
         kind = "task"
     else:
         raise ValueError(f"unknown stream spec {spec!r}; choose one of {_options()}")
@@ -166,7 +167,7 @@ def _need_task(benchmark: Benchmark, task: str, spec: str) -> None:
 
 
 def _task_entities(benchmark: Benchmark, split: str) -> list[str]:
-    return _ordered(r.entity for t in sorted(benchmark.tasks) for r in benchmark.tasks[t][split])
+    return ordered_unique(r.entity for t in sorted(benchmark.tasks) for r in benchmark.tasks[t][split])
 
 
 def _retain_pool(benchmark: Benchmark, requested: set) -> dict[str, list[str]]:
@@ -180,10 +181,10 @@ def _retain_pool(benchmark: Benchmark, requested: set) -> dict[str, list[str]]:
 
 def _retain_for(benchmark, ents, task, requested, pool) -> tuple[list[str], str]:
     if task is not None:
-        own = [e for e in _ordered(r.entity for r in benchmark.tasks[task]["retain"]) if e not in requested]
+        own = [e for e in ordered_unique(r.entity for r in benchmark.tasks[task]["retain"]) if e not in requested]
         if own:
             return own, "task"
-    classes = _ordered(benchmark.entities.get(e, "") for e in ents)
+    classes = ordered_unique(benchmark.entities.get(e, "") for e in ents)
     same = [e for c in classes for e in pool.get(c, ())]
     if same:
         return same, "class"
@@ -212,7 +213,7 @@ def _synthetic_plan(benchmark: Benchmark, spec: str, n_text: str) -> list[tuple[
     for t in sorted(benchmark.tasks):
         for r in benchmark.tasks[t]["forget"]:
             task_of.setdefault(r.entity, t)
-    first = _ordered(task_of)  # tasks in order, file order within a task
+    first = ordered_unique(task_of)  # tasks in order, file order within a task
     chosen = set(first)
     by_cls: dict[str, list[str]] = defaultdict(list)
     for e in sorted(_task_entities(benchmark, "retain")):

@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, is_dataclass
@@ -49,6 +48,7 @@ from typing import Iterable, Mapping, Optional, Union
 from lumoe_engine.data.records import Benchmark, QARecord
 from lumoe_engine.data.streams import Request
 from lumoe_engine.eval.scoring import fact_correct, leak
+from lumoe_engine.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -473,24 +473,6 @@ def jsonable(obj):
     return str(obj)
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Writes ``text`` to ``path`` atomically (temporary sibling, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 class MetricsWriter:
     """The run's metric files in ``out_dir``: metrics.jsonl (rows, appended and fsynced per step) and summary.json.
 
@@ -527,7 +509,7 @@ class MetricsWriter:
                                  f"(no final.retain_ratio)")
         doc = {"schema_version": SCHEMA_VERSION, "methods": dict(methods), "config": dict(config or {}),
                "seeds": dict(seeds or {}), **extra}
-        return atomic_write_text(self.summary_path,
+        return atomic_write(self.summary_path,
                                  json.dumps(jsonable(doc), ensure_ascii=False, indent=1, allow_nan=False) + "\n")
 
     def write_evaluator(self, evaluator: StreamEvaluator, config: Optional[Mapping] = None,
@@ -553,5 +535,5 @@ def read_rows(path: Union[str, Path]) -> list[dict]:
     return rows
 
 
-__all__ = ["StreamEvaluator", "MetricsWriter", "stratified_sample", "read_rows", "jsonable", "atomic_write_text",
+__all__ = ["StreamEvaluator", "MetricsWriter", "stratified_sample", "read_rows", "jsonable",
            "FORGET_FORMS", "RETAIN_SETS", "SETS", "DEFAULT_MAX_PER_SET", "SCHEMA_VERSION"]

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from lumoe_engine.eval.metrics import FORGET_FORMS, atomic_write_text
+from lumoe_engine.eval.metrics import FORGET_FORMS
+from lumoe_engine.fileio import atomic_write
 
 FORM_NAMES = {"image_text": "image+text", "text_only": "text-only", "paraphrase": "paraphrase",
               "fresh_image": "fresh image"}
@@ -308,7 +309,7 @@ def write_report(out_dir: Union[str, Path], summary: Mapping, rows: Sequence[dic
     lines += ["## The story in numbers", ""] + [f"- {t}" for t in story(methods, rows)] + [""]
     if config:
         lines += ["## Config", "", "```"] + [f"{k}: {v}" for k, v in config.items()] + ["```", ""]
-    return atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    return atomic_write(out_dir / "report.md", "\n".join(lines))
 
 
 __all__ = ["write_report", "story", "CHANGE_EPS", "SMALL_KNOWN"]

@@ -13,12 +13,14 @@ as positives. Negatives of a new head: a general pool, the gate-training share o
 (``retain_pool="all"``; ``"seen"``: only the tasks seen so far), and the training queries of the requests already in
 the bank (``negatives="seen"``, the lifelong stream: old heads never see later requests; ``"all"`` uses every other
 request, an offline upper bound). A seeded share of the retain records (``retain_eval_share``) never enters gate
-training or calibration; never-requested entities are never seen at all. The ``Recipe`` may add, per request,
+training or calibration; never-requested entities are never seen at all. The configuration's recipe (``GateConfig``)
+may add, per request,
 counterfactual negatives (its images asked other classes' questions, its questions asked of other classes' images:
 ``features.counterfactual_records``, drawn from the retain pool; off by default), reworded copies of its queries as
 positives (``features.augmented_records``) and one sub-head per entity for a request that forgets several. The gate's
 similarity bound (``Gate``: prototypes of each expert's positives; a chosen expert must be close to one) is on by
-default; ``similarity=NO_BOUND`` / ``--similarity -1`` turns it off (the sweep reports the default without it too).
+default; ``GateConfig(similarity=None)`` / ``--similarity -1`` turns it off (the sweep reports the default without it
+too).
 
 Metrics per setting (top-1 routing; "right" = the expert of the query's request):
 - route_acc_image_text / route_acc_text_only: teaching phrasings and images of the forget entities (the gate
@@ -33,6 +35,7 @@ Letters: N records, D feature width, E experts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -40,49 +43,22 @@ import sys
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from lumoe_engine.data.records import QARecord
+from lumoe_engine.fileio import atomic_write
+from lumoe_engine.gate.config import DEFAULT_LAYER, GATE_PRESETS, HEADS, GateConfig, gate_preset
 from lumoe_engine.gate.features import POOLINGS, decoder_layers, layer_features
-from lumoe_engine.gate.gate import HEADS, Gate
+from lumoe_engine.gate.gate import Gate
 
 logger = logging.getLogger("lumoe_engine.gate")
 
 SUMMARY_FILE = "gate_summary.json"
-# The default gate configuration, measured on the taught embedded default (word tokenizer; every sweep row is in
-# gate_summary.json). Layer 1, ``mean_last`` as before (layer 2 was no better on the same split and would leave one
-# decoder layer to the experts: the engine applies experts above the gate layer). The new levers were chosen on a
-# VALIDATION split, never on the held-out retain share or the never-requested entities: 3 of the 9 retain entities
-# left out of gate training (their queries = "unseen entities") and the taught phrasing family 3 left out of gate
-# training (with everything derived from it) and asked with 25% of its words dropped to <unk> ("unseen wording").
-# Validation, linear heads, per_entity / per_task (acc image+text, text-only, unseen wording; fpr retain, unseen):
-#   no bound, plain negatives:                  1.0 / 1.0 / 0.984, 0.012 / 0.83  |  1.0 / 0.988 / 0.977, 0.018 / 0.90
-#   bound 0.9, 64 prototypes (the default):     1.0 / 1.0 / 0.965, 0.012 / 0.008 |  1.0 / 0.983 / 0.957, 0.009 / 0.013
-#   the same + counterfactual negatives:  0.961 / 0.950 / 0.942, 0.006 / 0.010 | 0.959 / 0.950 / 0.943, 0.003 / 0.008
-#   bound 0.85: unseen 0.095 / 0.023; 16 prototypes: unseen 0.089 / 0.112; 32: 0.010 / 0.013 (recall a bit lower);
-#   quadratic heads: alike (0.998 / 1.0 / 0.967, 0.009 / 0.011), but ~2.6 ms per route with the bound (over 2 ms).
-# So: linear heads, no counterfactual negatives (a query showing the entity's image is about it whatever it asks),
-# reworded positives, the similarity bound. On the test sets that gate alone did not transfer: the held-out phrasing
-# family moves the pooled features further than any validation wording (paraphrase 0.62 / 0.57 routed), and
-# never-requested entities' images land near forget entities' (fpr_unrequested 0.125 / 0.121).
-# Hence two more channels (``Gate``), measured on the same test sets, per_task / per_entity:
-#   name channel (a prompt naming a forgotten entity): text-only paraphrases 0.61 / 0.65 -> 1.0 / 1.0;
-#   image channel (queries with an image routed by their image positions' [mean, max] at layer L, which a rewording
-#   cannot move; nearest picture with a per-entity bound and a background of negatives' pictures): image+text
-#   1.0 / 1.0, paraphrase 0.972 / 0.977, fresh images 0.875 / 0.9, fpr_retain 0 / 0, fpr_unrequested 0.004 / 0.006;
-#   the rest were text-only queries the heads sent to a request of the same class: with ``text_by_name`` (a query
-#   without an image reaches an expert with names only by naming it) fpr_unrequested 0 / 0.
-# Before fixing it, the image features were compared on the distinct pictures alone (288: 8 per entity): at layer 1
-# [mean, max] separates a forget entity's fresh pictures from never-requested entities' best (AUROC 0.993; mean 0.983,
-# layers 0-3 within 0.96-0.99). One bound per request instead of per entity let 18-25% of the never-requested
-# pictures through in per_task (a five-entity request's pictures are spread wider than one entity's).
-DEFAULT_LAYER = 1
-DEFAULT_POOLING = "mean_last"
-DEFAULT_HEAD = "linear"
+# The gate configuration measured here is ``GateConfig`` (lumoe_engine/gate/config.py: the production defaults and
+# the measurements behind them); gate-eval uses its "strict" preset (target_fpr 0.001).
 SETTINGS = ("per_task", "per_entity")
 TARGETS = {"route_acc_image_text": 0.99, "route_acc_text_only": 0.99, "route_acc_paraphrase": 0.95,
            "fpr_retain": 0.01, "fpr_unrequested": 0.01}
@@ -137,57 +113,30 @@ def _rate(xs: Sequence[bool]) -> Optional[float]:
     return round(sum(xs) / len(xs), 4) if len(xs) else None
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """How a request's gate training set is built (beyond its own queries and the negatives).
-
-    counterfactuals: add ``features.counterfactual_records`` of the request's queries as negatives
-    augment: add this many ``features.augmented_records`` rewordings of each request query as positives
-    sub_heads: one sub-head per entity of a request that forgets several (``Gate.add_expert(pos_groups=...)``)
-    """
-
-    counterfactuals: bool = True
-    augment: int = 2
-    sub_heads: bool = True
-
-    def name(self) -> str:
-        return f"cf={int(self.counterfactuals)},aug={self.augment},sub={int(self.sub_heads)}"
+def recipe_name(cfg: GateConfig) -> str:
+    """A short label of a configuration's data recipe (counterfactuals, augment, sub_heads)."""
+    return f"cf={int(cfg.counterfactuals)},aug={cfg.augment},sub={int(cfg.sub_heads)}"
 
 
-DEFAULT_RECIPE = Recipe(counterfactuals=False, augment=2, sub_heads=True)
-DEFAULT_SIMILARITY = 0.9
-DEFAULT_N_PROTOS = 64
-DEFAULT_BOUND_DIM = 128
-DEFAULT_SIM_QUANTILE = 0.02
-NO_BOUND = -1.0  # pass as similarity to build a gate without the similarity bound
+def plain(cfg: GateConfig) -> GateConfig:
+    """``cfg`` with the plain recipe: the request's own queries only, one head per request."""
+    return dataclasses.replace(cfg, augment=0, sub_heads=False, counterfactuals=False)
 
 
-def _bound(similarity: Optional[float]) -> Optional[float]:
-    if similarity is None:
-        return DEFAULT_SIMILARITY
-    return None if similarity == NO_BOUND else float(similarity)
-
-
-def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, setting: str, layer: int, pooling: str,
-                    head: str = "linear", target_fpr: float = 0.001, negatives: str = "seen",
-                    retain_pool: str = "all", seed: int = 0, l2: float = 1e-3, calib_share: float = 0.25,
-                    extra: Optional[dict] = None, recipe: Recipe = Recipe(counterfactuals=False, augment=0,
-                                                                         sub_heads=False),
-                    similarity: Optional[float] = None, n_protos: Optional[int] = None,
-                    sim_quantile: Optional[float] = -1.0, bound_dim: Optional[int] = -1,
+def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, setting: str, config: GateConfig,
+                    negatives: str = "seen", retain_pool: str = "all", extra: Optional[dict] = None,
                     prompts: Optional[dict] = None, names: Optional[dict] = None, image_dim: int = 0
                     ) -> tuple[Gate, dict]:
     """Build the gate of one setting request after request from precomputed features, then measure it.
 
-    feats: [N, D] features of every record; index: record uid -> row of feats.
+    feats: [N, D] features of every record; index: record uid -> row of feats; config: the gate (``GateConfig``: its
+        layer must be set; its recipe says which extra queries each request adds).
     negatives: other requests' queries a new head trains against: "seen" (those already in the bank: the lifelong
         stream) or "all" (every other request: an offline upper bound).
     retain_pool: retain queries a new head trains against: "all" (the gate-training share of every task's retain
         set, a general negative pool known from the start) or "seen" (only the tasks seen so far).
     extra: {"pos": {entity: [n, D]}, "neg": {entity: [m, D]}}: features of the recipe's augmented positives and
         counterfactual negatives of each forget entity (used as the recipe says).
-    similarity / n_protos / sim_quantile / bound_dim: the gate's similarity bound (``Gate``; None / -1: the
-        ``DEFAULT_*`` values; similarity ``NO_BOUND``: no similarity bound).
     image_dim: the last ``image_dim`` columns of feats are the image channel's (``features.image_pool``; 0: none).
     prompts / names: the name channel (``Gate``): {uid: prompt token ids [S]} of every record and {entity: token-id
         sequences of its name} (``prompt_ids``, ``gate.name_token_ids``); both or neither (then features alone route).
@@ -199,17 +148,14 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
         raise ValueError(f"retain_pool={retain_pool!r}: expected 'all' (general pool) or 'seen' (tasks so far)")
     if (prompts is None) != (names is None):
         raise ValueError("prompts and names: pass both (the name channel) or neither")
-    if (recipe.counterfactuals or recipe.augment) and extra is None:
-        raise ValueError(f"recipe {recipe.name()} needs extra features (counterfactual / augmented queries)")
+    if (config.counterfactuals or config.augment) and extra is None:
+        raise ValueError(f"recipe {recipe_name(config)} needs extra features (counterfactual / augmented queries)")
+    if config.layer is None:
+        raise ValueError("config.layer: set the gate layer the features were taken at")
     rows = lambda recs: feats[[index[r.uid] for r in recs]]  # noqa: E731
     reqs = requests_for(sets, setting)
     train = {eid: [r for e in ents for r in sets["by_entity"][e] if _teachable(r)] for eid, _, ents in reqs}
-    gate = Gate(layer=layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, pooling=pooling, head=head,
-                target_fpr=target_fpr, seed=seed, l2=l2,
-                calib_share=calib_share, similarity=_bound(similarity),
-                n_protos=DEFAULT_N_PROTOS if n_protos is None else n_protos,
-                sim_quantile=DEFAULT_SIM_QUANTILE if sim_quantile == -1.0 else sim_quantile,
-                bound_dim=DEFAULT_BOUND_DIM if bound_dim == -1 else bound_dim)
+    gate = Gate(layer=config.layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, **config.gate_kwargs())
     t_add = []
     seen_tasks: list[str] = []
     for i, (eid, task, ents) in enumerate(reqs):
@@ -223,15 +169,15 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
             neg_recs.extend(train[oid])
         pos, labels, neg = [rows(train[eid])], [r.entity for r in train[eid]], [rows(neg_recs)]
         for e in ents:
-            if recipe.augment:
+            if config.augment:
                 a = extra["pos"][e]
                 pos.append(a)
                 labels += [e] * len(a)
-            if recipe.counterfactuals:
+            if config.counterfactuals:
                 neg.append(extra["neg"][e])
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
-                        pos_groups=labels if recipe.sub_heads and len(ents) > 1 else None,
+                        pos_groups=labels if config.sub_heads and len(ents) > 1 else None,
                         names=[q for e in ents for q in names[e]] if names is not None else None)
         t_add.append(time.perf_counter() - t0)
 
@@ -287,23 +233,23 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     return gate, m
 
 
-def route_timing(dim: int, n_experts: int = 1000, batch: int = 64, repeats: int = 200, seed: int = 0,
-                 head: str = "linear", n_protos: Optional[int] = None, bound_dim: Optional[int] = -1,
-                 image_dim: int = 0, image_protos: int = 8, image_share: float = 0.5) -> dict:
+def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int = 1000, batch: int = 64,
+                 repeats: int = 200, seed: int = 0, image_dim: int = 0, image_protos: int = 8,
+                 image_share: float = 0.5) -> dict:
     """Milliseconds of ``Gate.route`` (scores + fused top-1 routing + the similarity bound of the chosen expert) for
     ``n_experts`` heads at ``batch`` queries.
 
-    The heads and prototypes are random (timing only), ``n_protos`` (default ``DEFAULT_N_PROTOS``) per expert in
-    ``bound_dim`` principal directions, stacked exactly as ``add_expert`` leaves them; the biases make every query
+    The heads and prototypes are random (timing only), ``config.n_protos`` per expert (``GateConfig``, default the
+    production configuration) in ``config.bound_dim`` principal directions, stacked exactly as ``add_expert`` leaves them; the biases make every query
     choose an expert, so the bound is checked for every query (its worst case). With ``image_dim``, an image
     channel too: ``image_protos`` random unit prototypes per expert (the distinct images of one entity: 6 on the
     embedded default) in the channel's projected space (``image_bound_dim`` of ``image_dim`` columns), and
     ``image_share`` of the queries carry an image (routed by the channel; the heads route the others).
     """
+    config = config or GateConfig()
     g = torch.Generator().manual_seed(seed)
-    n_protos = DEFAULT_N_PROTOS if n_protos is None else n_protos
-    gate = Gate(layer=0, dim=dim, head=head, n_protos=n_protos,
-                bound_dim=DEFAULT_BOUND_DIM if bound_dim == -1 else bound_dim)
+    n_protos, head = config.n_protos, config.head
+    gate = Gate(layer=0, dim=dim, **config.gate_kwargs())
     gate.fit_standardizer(torch.randn(max(64, 2 * dim), dim, generator=g))
     weight = torch.randn(n_experts, gate.head_dim, generator=g) / math.sqrt(dim)
     protos = torch.nn.functional.normalize(torch.randn(n_experts * n_protos, gate.bound_width, generator=g), dim=1)
@@ -338,8 +284,8 @@ def route_timing(dim: int, n_experts: int = 1000, batch: int = 64, repeats: int 
             "min_ms": round(1e3 * ts[0], 4)}
 
 
-def extra_features(model, processor, sets: dict, layer: int, pooling: str, recipe: Recipe, batch_size: int = 64,
-                   seed: int = 0, image: bool = False) -> tuple[dict, dict]:
+def extra_features(model, processor, sets: dict, config: GateConfig, batch_size: int = 64, seed: int = 0,
+                   image: bool = False) -> tuple[dict, dict]:
     """Features of the recipe's extra queries of every forget entity (counterfactual negatives drawn against the
     gate-training share of the retain sets; rewordings as positives): ({"pos": {e: [n, D]}, "neg": {e: [m, D]}},
     counts)."""
@@ -352,12 +298,13 @@ def extra_features(model, processor, sets: dict, layer: int, pooling: str, recip
     forgot = [e for t in sets["tasks"] for e in sets["forget"][t]]
     for i, e in enumerate(forgot):
         recs = [r for r in sets["by_entity"][e] if _teachable(r)]
-        for kind, new in (("neg", counterfactual_records(recs, pool, seed=seed + i) if recipe.counterfactuals
+        for kind, new in (("neg", counterfactual_records(recs, pool, seed=seed + i) if config.counterfactuals
                            else []),
-                          ("pos", augmented_records(recs, recipe.augment, seed=seed + i, unk_token=unk)
-                           if recipe.augment else [])):
+                          ("pos", augmented_records(recs, config.augment, seed=seed + i, unk_token=unk)
+                           if config.augment else [])):
             if new:
-                out[kind][e] = base_features(model, processor, new, layer, batch_size, pooling, image=image)
+                out[kind][e] = base_features(model, processor, new, config.layer, batch_size, config.pooling,
+                                             image=image)
                 counts[kind] += len(new)
     return out, counts
 
@@ -392,76 +339,64 @@ def _headline(m: dict) -> dict:
                               "meets_targets")}
 
 
-def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] = None, pooling: Optional[str] = None,
-              head: Optional[str] = None, recipe: Optional[Recipe] = None, sweep: bool = True,
-              target_fpr: float = 0.001, retain_eval_share: float = 0.3, negatives: str = "seen",
-              retain_pool: str = "all", batch_size: int = 64, seed: int = 0, progress: bool = True,
-              similarity: Optional[float] = None, n_protos: Optional[int] = None, names: bool = True,
-              image: bool = True) -> dict:
+def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateConfig] = None, sweep: bool = True,
+              retain_eval_share: float = 0.3, negatives: str = "seen", retain_pool: str = "all",
+              batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """Run the gate evaluation (module docstring) and write ``out_dir/gate_summary.json``; returns the summary.
 
-    layer / pooling / head / recipe: the gate configuration evaluated in both settings (defaults ``DEFAULT_*``).
+    config: the gate configuration evaluated in both settings (default ``gate_preset("strict")``; its layer None is
+    ``DEFAULT_LAYER``; its ``names`` / ``image`` turn the name and image channels on).
     sweep: also measure, with the plain recipe (no extra queries), every (layer, pooling, head), and, at the chosen
     layer / pooling / head, every recipe variant; each row is reported (``"sweep"``, ``"recipes"``). The sweep rows
-    route by features alone; the chosen configuration with ``names`` (default) also uses the name channel (each
-    forget entity's name; ``Gate``) and with ``image`` (default) the image channel (``Gate``); the sweep reports
-    it without each of them too.
+    route by features alone; the chosen configuration is also measured without each of its channels and without the
+    similarity bound.
     """
     from lumoe_engine.model.teach import TeachConfig, default_cache_dir, load_data, teach
 
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = teach_config or TeachConfig()
-    model, processor, teach_summary = teach(config, out, cache_dir, progress=progress)
-    bench = load_data(config, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    config = (config or gate_preset("strict")).validate()
+    teach_cfg = teach_config or TeachConfig()
+    model, processor, teach_summary = teach(teach_cfg, out, cache_dir, progress=progress)
+    bench = load_data(teach_cfg, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     sets = record_sets(bench, retain_eval_share, seed)
     n_layers = len(decoder_layers(model))
-    layer = DEFAULT_LAYER if layer is None else layer
-    pooling = DEFAULT_POOLING if pooling is None else pooling
-    head = DEFAULT_HEAD if head is None else head
-    recipe = DEFAULT_RECIPE if recipe is None else recipe
+    layer = DEFAULT_LAYER if config.layer is None else config.layer
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer={layer}: the model has {n_layers} decoder layers; pass 0..{n_layers - 1}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
-    if head not in HEADS:
-        raise ValueError(f"head={head!r}: expected one of {HEADS}")
+    config = dataclasses.replace(config, layer=layer, seed=seed)
+    names, image = config.names, config.image
 
     # features of every record, every layer and pooling, in one pass
     records = [r for recs in sets["by_entity"].values() for r in recs]
     index = {r.uid: i for i, r in enumerate(records)}
     layers = list(range(n_layers)) if sweep else [layer]
-    poolings = list(POOLINGS) if sweep else [pooling]
+    poolings = list(POOLINGS) if sweep else [config.pooling]
     t0 = time.perf_counter()
     feats = layer_features(model, processor, records, layers, poolings, batch_size=batch_size, image=image)
     t_feat = time.perf_counter() - t0
     # the recipe's extra queries (all variants of the sweep use subsets of the full one)
-    full = Recipe(counterfactuals=recipe.counterfactuals or sweep, augment=max(recipe.augment, 2 if sweep else 0),
-                  sub_heads=True)
+    full = dataclasses.replace(config, counterfactuals=config.counterfactuals or sweep,
+                               augment=max(config.augment, 2 if sweep else 0), sub_heads=True)
     t0 = time.perf_counter()
-    extra, extra_counts = extra_features(model, processor, sets, layer, pooling, full, batch_size, seed, image)
+    extra, extra_counts = extra_features(model, processor, sets, full, batch_size, seed, image)
     t_extra = time.perf_counter() - t0
     logger.info("gate features: %d records x %d layers x %d poolings in %.1f s; %s extra queries in %.1f s",
                 len(records), len(layers), len(poolings), t_feat, extra_counts, t_extra)
 
-    common = dict(target_fpr=target_fpr, negatives=negatives, retain_pool=retain_pool, seed=seed,
-                  similarity=similarity, n_protos=n_protos)
+    common = dict(negatives=negatives, retain_pool=retain_pool)
     channel = dict(prompts=prompt_ids(processor, records), names=entity_names(processor, sets)) if names else {}
-    summary: dict = {"config": {"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
-                                "target_fpr": target_fpr, "retain_eval_share": retain_eval_share,
-                                "negatives": negatives, "retain_pool": retain_pool, "seed": seed,
-                                "n_layers": n_layers, "extra_queries": extra_counts,
-                                "similarity": _bound(similarity), "bound_dim": DEFAULT_BOUND_DIM,
-                                "sim_quantile": DEFAULT_SIM_QUANTILE,
-                                "n_protos": DEFAULT_N_PROTOS if n_protos is None else n_protos,
+    summary: dict = {"config": {**config.to_dict(), "recipe": recipe_name(config),
+                                "retain_eval_share": retain_eval_share, "negatives": negatives,
+                                "retain_pool": retain_pool, "n_layers": n_layers, "extra_queries": extra_counts,
                                 "name_channel": bool(names), "image_channel": bool(image)},
                      "targets": TARGETS}
     image_dim = feats[(layer, "image")].shape[1] if image else 0
-    X = torch.cat([feats[(layer, pooling)], feats[(layer, "image")]], 1) if image else feats[(layer, pooling)]
-    common["image_dim"] = image_dim
+    text = feats[(layer, config.pooling)]
+    X = torch.cat([text, feats[(layer, "image")]], 1) if image else text
     for setting in SETTINGS:
-        gate, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe, **common,
+        gate, m = build_and_score(X, index, sets, setting, config, extra=extra, image_dim=image_dim, **common,
                                   **channel)
         summary[setting] = m
         gate.save(out / f"gate_{setting}")
@@ -469,49 +404,42 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
             print(f"{setting}: {json.dumps(_headline(m))}", flush=True)
     if sweep:
         rows = []
-        plain = Recipe(counterfactuals=False, augment=0, sub_heads=False)
         for L, p, h in ((L, p, h) for L in layers for p in poolings for h in HEADS):
+            cfg = plain(dataclasses.replace(config, layer=L, pooling=p, head=h))
             for setting in SETTINGS:
-                _, m = build_and_score(feats[(L, p)], index, sets, setting, L, p, h, recipe=plain,
-                                       **{**common, "image_dim": 0})
-                rows.append({"layer": L, "pooling": p, "head": h, "recipe": plain.name(), "setting": setting,
+                _, m = build_and_score(feats[(L, p)], index, sets, setting, cfg, **common)
+                rows.append({"layer": L, "pooling": p, "head": h, "recipe": recipe_name(cfg), "setting": setting,
                              **_headline(m)})
                 if progress:
                     print(json.dumps(rows[-1]), flush=True)
         summary["sweep"] = rows
         rrows = []
-        text = feats[(layer, pooling)]
         plain_extra = {k: {e: v[:, :text.shape[1]] for e, v in d.items()} for k, d in extra.items()}
-        # the chosen configuration without one channel: (row label, features, extra features, keyword arguments)
-        variants = ([("name_channel", X, extra, common)] if names else []) + \
-            ([("image_channel", text, plain_extra, {**common, "image_dim": 0, **channel})] if image else [])
-        for what, feats_v, extra_v, kw in variants:
+        # the chosen configuration without one channel, or without the similarity bound: (label, features, extra
+        # features, config, keyword arguments)
+        variants = ([("name_channel", X, extra, config, dict(image_dim=image_dim))] if names else []) + \
+            ([("image_channel", text, plain_extra, config, dict(channel))] if image else []) + \
+            [("similarity", X, extra, dataclasses.replace(config, similarity=None),
+              dict(image_dim=image_dim, **channel))]
+        for what, feats_v, extra_v, cfg, kw in variants:
             for setting in SETTINGS:
-                _, m = build_and_score(feats_v, index, sets, setting, layer, pooling, head, extra=extra_v,
-                                       recipe=recipe, **kw)
-                rrows.append({"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
-                              what: False, "setting": setting, **_headline(m)})
-                if progress:
-                    print(json.dumps(rrows[-1]), flush=True)
-        for sim in (NO_BOUND,):
-            for setting in SETTINGS:
-                _, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=recipe,
-                                       **{**common, "similarity": sim}, **channel)
-                rrows.append({"layer": layer, "pooling": pooling, "head": head, "recipe": recipe.name(),
-                              "similarity": None, "setting": setting, **_headline(m)})
+                _, m = build_and_score(feats_v, index, sets, setting, cfg, extra=extra_v, **common, **kw)
+                rrows.append({"layer": layer, "pooling": config.pooling, "head": config.head,
+                              "recipe": recipe_name(config), what: None if what == "similarity" else False,
+                              "setting": setting, **_headline(m)})
                 if progress:
                     print(json.dumps(rrows[-1]), flush=True)
         for cf in (False, True):
             for aug in (0, 2):
                 for sub in (False, True):
-                    r = Recipe(counterfactuals=cf, augment=aug, sub_heads=sub)
+                    cfg = dataclasses.replace(config, counterfactuals=cf, augment=aug, sub_heads=sub)
                     for setting in SETTINGS:
                         if sub and setting == "per_entity":
                             continue  # one entity per request: sub-heads change nothing
-                        _, m = build_and_score(X, index, sets, setting, layer, pooling, head, extra=extra, recipe=r,
+                        _, m = build_and_score(X, index, sets, setting, cfg, extra=extra, image_dim=image_dim,
                                                **common, **channel)
-                        rrows.append({"layer": layer, "pooling": pooling, "head": head, "recipe": r.name(),
-                                      "setting": setting, **_headline(m)})
+                        rrows.append({"layer": layer, "pooling": config.pooling, "head": config.head,
+                                      "recipe": recipe_name(cfg), "setting": setting, **_headline(m)})
                         if progress:
                             print(json.dumps(rrows[-1]), flush=True)
         summary["recipes"] = rrows
@@ -521,37 +449,37 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, layer: Optional[int] =
         "feature_ms_per_record": round(1e3 * t_feat / max(1, len(records)), 3),
         "feature_passes_layers_poolings": [len(layers), len(poolings)],
         "extra_queries_s": round(t_extra, 2),
-        "route_1000_experts_batch64": route_timing(dim, head=head, n_protos=n_protos, image_dim=image_dim),
-        "route_1000_experts_batch64_all_images": route_timing(dim, head=head, n_protos=n_protos, image_dim=image_dim,
-                                                              image_share=1.0) if image_dim else None,
+        "route_1000_experts_batch64": route_timing(dim, config, image_dim=image_dim),
+        "route_1000_experts_batch64_all_images": route_timing(dim, config, image_dim=image_dim, image_share=1.0)
+        if image_dim else None,
         "add_expert_s": {s: summary[s]["add_expert_s"] for s in SETTINGS},
         "total_s": round(time.time() - t_start, 1),
     }
     summary["teach"] = {k: teach_summary.get(k) for k in (
         "fact_accuracy_image_text", "fact_accuracy_text_only", "fact_accuracy_heldout_phrasing",
         "fact_accuracy_fresh_images", "reached_target", "steps", "cache_key", "cached")}
-    from lumoe_engine.model.teach import _atomic_write_json
-
-    _atomic_write_json(out / SUMMARY_FILE, summary)
+    atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``gate-eval`` subcommand's arguments."""
+    """The ``gate-eval`` subcommand's arguments (the gate flags override the ``--gate-preset``)."""
     parser.add_argument("--out", required=True, help="output folder (gate_summary.json, saved gates)")
     parser.add_argument("--cache-dir", default=None, help="cache of the synthetic benchmark and taught model "
                                                           "(default $LUMOE_CACHE or ~/.cache/lumoe-engine)")
+    parser.add_argument("--gate-preset", default="strict", choices=sorted(GATE_PRESETS),
+                        help="the gate configuration measured (lumoe_engine/gate/config.py; default strict)")
     parser.add_argument("--layer", type=int, default=None, help=f"gate decoder layer (default {DEFAULT_LAYER})")
-    parser.add_argument("--pooling", choices=POOLINGS, default=None, help=f"default {DEFAULT_POOLING}")
-    parser.add_argument("--head", choices=HEADS, default=None, help=f"default {DEFAULT_HEAD}")
+    parser.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the preset's")
+    parser.add_argument("--head", choices=HEADS, default=None, help="default: the preset's")
     parser.add_argument("--counterfactuals", action="store_true",
                         help="add counterfactual negatives (the request's images/names with other classes' questions)")
-    parser.add_argument("--augment", type=int, default=DEFAULT_RECIPE.augment,
-                        help="reworded copies of each request query added as positives")
+    parser.add_argument("--augment", type=int, default=None,
+                        help="reworded copies of each request query added as positives (default: the preset's)")
     parser.add_argument("--no-sub-heads", action="store_true", help="one head per request, not one per entity")
     parser.add_argument("--no-sweep", action="store_true", help="skip the (layer, pooling) sweep")
-    parser.add_argument("--target-fpr", type=float, default=0.001,
+    parser.add_argument("--target-fpr", type=float, default=None,
                         help="per-head false-positive target on its held-out calibration negatives")
     parser.add_argument("--retain-eval-share", type=float, default=0.3)
     parser.add_argument("--negatives", choices=("seen", "all"), default="seen",
@@ -559,9 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--retain-pool", choices=("all", "seen"), default="all",
                         help="retain queries a new head trains against: every task's (general pool) or seen tasks'")
     parser.add_argument("--similarity", type=float, default=None,
-                        help=f"cosine bound of the similarity check (default {DEFAULT_SIMILARITY}; {NO_BOUND}: none)")
-    parser.add_argument("--n-protos", type=int, default=None,
-                        help=f"prototypes per positive group for the bound (default {DEFAULT_N_PROTOS})")
+                        help="cosine bound of the similarity check (default: the preset's; -1: no bound)")
+    parser.add_argument("--n-protos", type=int, default=None, help="prototypes per positive group for the bound")
     parser.add_argument("--no-image", action="store_true",
                         help="no image channel: queries with an image are routed by the heads like the others")
     parser.add_argument("--no-names", action="store_true",
@@ -571,15 +498,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> GateConfig:
+    """The ``GateConfig`` of parsed ``gate-eval`` arguments: the preset, then each flag given."""
+    over: dict = {}
+    for name, attr in (("layer", "layer"), ("pooling", "pooling"), ("head", "head"), ("augment", "augment"),
+                       ("target_fpr", "target_fpr"), ("n_protos", "n_protos")):
+        if getattr(args, attr, None) is not None:
+            over[name] = getattr(args, attr)
+    if getattr(args, "similarity", None) is not None:
+        over["similarity"] = None if args.similarity == -1 else args.similarity
+    if args.counterfactuals:
+        over["counterfactuals"] = True
+    if args.no_sub_heads:
+        over["sub_heads"] = False
+    if args.no_image:
+        over["image"] = False
+    if args.no_names:
+        over["names"] = False
+    return gate_preset(args.gate_preset, **over)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run ``gate-eval`` from parsed arguments; prints the headline numbers."""
-    recipe = Recipe(counterfactuals=args.counterfactuals, augment=args.augment, sub_heads=not args.no_sub_heads)
-    s = gate_eval(args.out, cache_dir=args.cache_dir, layer=args.layer, pooling=args.pooling, head=args.head,
-                  recipe=recipe,
-                  sweep=not args.no_sweep, target_fpr=args.target_fpr, retain_eval_share=args.retain_eval_share,
-                  negatives=args.negatives, retain_pool=args.retain_pool, batch_size=args.batch_size, seed=args.seed,
-                  similarity=args.similarity, n_protos=args.n_protos, names=not args.no_names,
-                  image=not args.no_image)
+    s = gate_eval(args.out, cache_dir=args.cache_dir, config=config_from_args(args), sweep=not args.no_sweep,
+                  retain_eval_share=args.retain_eval_share, negatives=args.negatives, retain_pool=args.retain_pool,
+                  batch_size=args.batch_size, seed=args.seed)
     for setting in SETTINGS:
         head = {k: s[setting][k] for k in ("n_experts", "route_acc_image_text", "route_acc_text_only",
                                            "route_acc_fresh_images", "route_acc_paraphrase", "fpr_retain",

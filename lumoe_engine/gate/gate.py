@@ -81,7 +81,8 @@ from safetensors.torch import save as _st_save
 
 from lumoe_engine import ops
 from lumoe_engine.gate import features as _features
-from lumoe_engine.fileio import atomic_write_bytes, validate_expert_id
+from lumoe_engine.gate.config import HEADS
+from lumoe_engine.fileio import atomic_write, validate_expert_id
 from lumoe_engine.model.bank import UnknownExpertError
 
 GATE_FORMAT = "lumoe-gate"
@@ -308,9 +309,6 @@ def name_token_ids(tokenizer, names: Sequence[str]) -> list[list[int]]:
     return out
 
 
-HEADS = ("linear", "quadratic")
-
-
 class Gate:
     """Per-expert calibrated heads over pooled hidden states of decoder layer ``layer``; routes queries to experts.
 
@@ -417,6 +415,18 @@ class Gate:
         # name channel: token-id sequences per expert, and {first token: [(sequence, expert index)]} built lazily
         self._names: list[list[tuple[int, ...]]] = []
         self._name_index: Optional[dict] = None
+
+    @classmethod
+    def from_config(cls, config, model) -> "Gate":
+        """A new, empty gate for ``model`` by ``config`` (``GateConfig``): the resolved layer, the pooled width of its
+        language model, its image token id (queries with an image are told by it) and, with ``config.image``, the
+        image channel ([mean, max] of layer L's image states: 2 H columns, H the language model's hidden size)."""
+        config.validate()
+        layer = config.resolve_layer(len(_features.decoder_layers(model)))
+        hidden = model.config.get_text_config().hidden_size
+        image_id = _features.image_token_id_of(model)
+        return cls(layer=layer, dim=_features.pooled_dim(hidden, config.pooling), image_token_id=image_id,
+                   image_dim=2 * hidden if config.image and image_id is not None else 0, **config.gate_kwargs())
 
     # ------------------------------------------------------------------------------------------------ state
     def __len__(self) -> int:
@@ -1229,14 +1239,14 @@ class Gate:
         data = _st_save(tensors)
         sha = hashlib.sha256(data).hexdigest()
         name = f"gate-{sha[:16]}.safetensors"
-        atomic_write_bytes(folder / name, data)
+        atomic_write(folder / name, data)
         meta = {"format": GATE_FORMAT, "version": GATE_FORMAT_VERSION, "config": self.config(),
                 "expert_ids": list(self.expert_ids), "heads": list(self._heads), "proto_counts": list(self._pcount),
                 "names": [[list(seq) for seq in n] for n in self._names],
                 "image_groups": [[[c, t] for c, t in g] for g in self._igroups],
                 "tensors": name, "sha256": sha,
                 "reports": {k: asdict(v) for k, v in self.reports.items()}}
-        atomic_write_bytes(folder / GATE_JSON, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(folder / GATE_JSON, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         for old in folder.glob("gate-*.safetensors"):
             if old.name != name:
                 try:

@@ -55,7 +55,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save as _st_save
 
-from lumoe_engine.fileio import atomic_write_bytes, fsync_dir, validate_expert_id  # noqa: F401 (re-exported)
+from lumoe_engine.fileio import atomic_write, fsync_dir, validate_expert_id  # noqa: F401 (re-exported)
 
 BANK_FORMAT = "lumoe-expert-bank"
 BANK_FORMAT_VERSION = 1
@@ -639,7 +639,7 @@ class ExpertBank:
             try:
                 for e, data in zip(entries, payloads):
                     path = self._experts_dir / e.file
-                    atomic_write_bytes(path, data, self.durable)
+                    atomic_write(path, data, self.durable)
                     written.append(path)
                 self._write_manifest([*self._entries.values(), *entries])
             except BaseException:
@@ -770,9 +770,9 @@ class ExpertBank:
             tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.contiguous()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "adapter_model.safetensors", _canonical_safetensors(_st_save(tensors, metadata={
+        atomic_write(out / "adapter_model.safetensors", _canonical_safetensors(_st_save(tensors, metadata={
             "format": "pt", "lumoe_expert_id": ex.id, "lumoe_metadata": json.dumps(ex.metadata, sort_keys=True)})))
-        atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+        atomic_write(out / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
         return out
 
     def import_peft(self, adapter_dir: Path | str, expert_id: str,
@@ -986,4 +986,4 @@ class ExpertBank:
              "sha256": e.sha256, "modules": {m: list(s) for m, s in e.modules.items()}, "metadata": e.metadata,
              "added": e.added}
             for e in entries]}
-        atomic_write_bytes(self.root / MANIFEST_NAME, (json.dumps(doc, indent=1) + "\n").encode(), self.durable)
+        atomic_write(self.root / MANIFEST_NAME, (json.dumps(doc, indent=1) + "\n").encode(), self.durable)

@@ -68,6 +68,7 @@ from PIL import Image, ImageEnhance
 from tqdm.auto import tqdm
 
 from lumoe_engine.data.records import Benchmark, QARecord
+from lumoe_engine.fileio import atomic_write
 from lumoe_engine.model.collate import (IGNORE, collate, generate_answers, image_side, image_token_count,
                                         pixel_values_for)
 
@@ -268,7 +269,7 @@ def augment_image(img: Image.Image, rng: random.Random, config: TeachConfig) -> 
 
 
 # ------------------------------------------------------------------------------------------------------- batching
-class _Sampler:
+class CellSampler:
     """Endless stream of teaching records. ``cell``: cells (entity, kind, form) in shuffled rounds, each cell giving
     its next record (its records cycle in shuffled order), so every fact and both forms get the same share of steps
     whatever their record counts; ``record``: shuffled epochs over the records."""
@@ -445,15 +446,6 @@ def _stratified(records: Sequence[QARecord], n: int, seed: int) -> list[QARecord
 
 
 # ----------------------------------------------------------------------------------------------------- the job
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def default_cache_dir() -> Path:
     """``$LUMOE_CACHE``, else ``~/.cache/lumoe-engine`` (shared with the synthetic benchmark's cache)."""
     from lumoe_engine.data.synthetic import default_cache_dir as _default
@@ -497,7 +489,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
             model = None
         if model is not None:
             summary.update(cached=True, seconds=round(time.time() - t0, 2), model_dir=str(model_dir))
-            _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+            atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
             return model, processor, summary
 
     torch.manual_seed(config.seed)
@@ -528,7 +520,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
         model.train()
-        sampler = _Sampler(sets["teach"], config.balance, rng)
+        sampler = CellSampler(sets["teach"], config.balance, rng)
         fillers = filler_pool(sets["teach"])
         bar = tqdm(desc="teach", unit="step", disable=not progress, mininterval=1.0)
         ema = None
@@ -615,7 +607,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
                        " - cut by time_budget_s, not cached" if out_of_time else "")
     if out_of_time:  # depends on the machine's speed: never reuse it as "the" model of this config
         summary["model_dir"] = None
-        _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+        atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         return model, processor, summary
 
     # cache: model + processor + summary in a temporary folder, renamed into place
@@ -625,7 +617,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         if trainable:  # a frozen base is not copied: the cache entry then holds the summary alone
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-        _atomic_write_json(tmp / SUMMARY_FILE, summary)
+        atomic_write(tmp / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if entry.exists():  # a concurrent run finished first: keep its entry
             shutil.rmtree(tmp)
         else:
@@ -634,7 +626,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary["model_dir"] = str(entry) if trainable else str(config.model)
-    _atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return model, processor, summary
 
 

@@ -98,4 +98,57 @@ class SequentialBaseline:
         unwrap_model(self.model)
 
 
-__all__ = ["BASELINES", "baseline_loss", "merge_expert", "SequentialBaseline"]
+class SequentialRunner:
+    """A sequential baseline as a stream driver's runner (``stream.driver.run_method``): ``learn`` one request (train
+    and merge, ``SequentialBaseline``), ``answer`` the step's evaluation queries with the merged model (no routing).
+    A baseline is not resumable mid-stream (its LoRAs are merged into the weights): an unfinished one is rerun from
+    its first request, so ``replay`` does nothing.
+
+    model: the model to edit in place (a copy of the taught base); validate: a check of each request before it is
+    learned (raise RequestError to refuse it); max_new / batch_size: the evaluation's answer length and batch.
+    """
+
+    def __init__(self, model: nn.Module, processor, method: str, loss_cfg: LossConfig, train_cfg: TrainConfig,
+                 max_new: int, batch_size: int, validate=None, image_fn: Optional[ImageFn] = None):
+        self.name = method
+        self.model, self.processor = model, processor
+        self.max_new, self.batch_size, self.validate = max_new, batch_size, validate
+        self.image_fn = image_fn
+        self.base = SequentialBaseline(model, processor, method, loss_cfg, train_cfg, image_fn=image_fn)
+
+    def replay(self, records) -> None:
+        if records:
+            raise ValueError(f"baseline {self.name!r} cannot continue mid-stream (its LoRAs are merged into the "
+                             f"weights): rerun it from its first request")
+
+    def new_record(self, step: int, req: Request) -> dict:
+        return {"step": step, "method": self.name, "request": req.id, "train_seconds": None}
+
+    def learn(self, step: int, req: Request, rec: dict, cost: dict) -> None:
+        if self.validate is not None:
+            self.validate(req)
+        stats = self.base.learn(req)
+        cost["train_seconds"] = rec["train_seconds"] = stats["seconds"]
+
+    def answer(self, queries) -> tuple[dict, None, dict]:
+        from lumoe_engine.data.mlubench import load_image
+        from lumoe_engine.model.collate import generate_answers
+
+        texts = generate_answers(self.model, self.processor, queries, self.max_new, batch_size=self.batch_size,
+                                 image_fn=self.image_fn or load_image)
+        return {r.uid: t for r, t in zip(queries, texts)}, None, {}
+
+    def record_extra(self) -> dict:
+        return {}
+
+    def after_step(self, step: int, req: Request, failure) -> None:
+        pass
+
+    def gate_config(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.base.close()
+
+
+__all__ = ["BASELINES", "baseline_loss", "merge_expert", "SequentialBaseline", "SequentialRunner"]

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from lumoe_engine.data.records import QARecord
 from lumoe_engine.data.streams import Request
+from lumoe_engine.errors import RequestError
 from lumoe_engine.model.bank import Expert
 from lumoe_engine.model.collate import collate, image_token_count, pixel_values_for
 from lumoe_engine.model.multilora import LoRAContext, TrainableExpert, new_trainable_expert
@@ -51,11 +52,6 @@ from lumoe_engine.unlearn.losses import (LOSSES, LossConfig, NonFiniteLossError,
 logger = logging.getLogger("lumoe_engine.unlearn")
 
 ImageFn = Callable[[QARecord], "object"]
-
-
-class RequestError(ValueError):
-    """A request that cannot be learned as given (empty forget set, unknown entity, image that will not open, ...).
-    Nothing is trained, saved or routed for it; the message names the request and says what to do."""
 
 
 @dataclass
@@ -342,6 +338,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """``obj`` from rank 0 on every rank (itself outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _all_finite(loss: torch.Tensor, world: int) -> bool:
     """Whether the loss is finite on every rank (one all-reduce when distributed), so all ranks stop together."""
     ok = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
@@ -460,4 +467,4 @@ class ExpertTrainer:
 
 __all__ = ["TrainConfig", "RequestError", "NonFiniteLossError", "RecordBatches", "ExpertModule", "ExpertTrainer",
            "train_expert", "check_request", "loss_reads_retain", "base_reference", "expert_off", "init_distributed",
-           "dist_info", "barrier"]
+           "dist_info", "barrier", "broadcast_object"]

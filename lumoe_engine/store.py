@@ -1,9 +1,9 @@
-"""The request service: removal requests from files, through a durable store, into experts and gate entries.
+"""The store: removal requests from files, through a durable store, into experts and gate entries.
 
 A **store** is one folder::
 
-    store.json     the base model the experts are trained on (its directory; fixed by the first ``process``) and the
-                   gate / training settings (below)
+    store.json     the base model the experts are trained on (its directory; fixed by the first ``process``), the
+                   gate (``GateConfig``), training and loss settings, and ``general_negatives``
     ledger/        ``lumoe_engine.ledger.Ledger``: every request and each of its state changes (docs/REQUESTS.md)
     bank/          ``lumoe_engine.model.bank.ExpertBank``: one LoRA expert per request (safetensors + manifest)
     gate/          ``lumoe_engine.gate.gate.Gate.save``: one calibrated head per expert
@@ -13,13 +13,15 @@ Operations (``python lumoe_engine/run.py submit | process | status | revoke | ve
 
 - ``submit(store, files)``: validate each request file (``intake.parse_request_file`` through ``ledger.submit``) and
   record it (state ``received``); bad input leaves the store unchanged. ``watch`` does it for a folder, polling.
-- ``process(store)``: for every pending request in ledger order: ``training`` -> train one expert on the frozen base
-  (``trainer.train_expert``) -> ``bank.add`` -> ``expert_saved`` -> ``gate.add_expert`` + ``gate.save`` ->
-  ``gate_updated``. A request that fails (nan/inf loss, bad data) ends ``failed`` with the reason; nothing of it stays
-  in the bank or the gate. Idempotent after a crash: an expert already in the bank for a request in state
-  ``training``/``expert_saved`` (same content hash in its metadata) is not trained again, a gate entry already saved
-  is not added again; revoked or failed requests whose expert or gate entry is still there (a crash in between) are
-  cleaned up first.
+- ``process(store)``: for every pending request in ledger order, the one request pipeline
+  (``lumoe_engine.pipeline.RequestPipeline.learn``, the same path a stream run takes): ``training`` -> train one
+  expert on the frozen base -> collapse guard -> ``bank.add`` -> ``expert_saved`` -> ``gate.add_expert`` +
+  ``gate.save`` -> ``gate_updated``. A request that fails (nan/inf loss, bad data, a collapsed expert) ends ``failed``
+  with the reason; nothing of it stays in the bank or the gate. Idempotent after a crash: an expert already in the
+  bank for a request in state ``training``/``expert_saved`` (same content hash in its metadata) is not trained again,
+  a gate entry already saved is not added again; revoked or failed requests whose expert or gate entry is still there
+  (a crash in between) are cleaned up first. The gate's negatives: the retain queries of every live request and a
+  general pool of the taught benchmark's queries (``general_negatives``).
 - ``revoke(store, id)``: ``ledger.revoke`` first, then the gate entry (gate saved), then the expert: a crash in
   between leaves a request revoked-but-still-forgotten for a moment, never the reverse, and the next ``revoke`` or
   ``process`` finishes the removal. While a ``process`` run holds the store, the revocation is recorded and that run
@@ -45,26 +47,26 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
-from lumoe_engine.data.intake import RequestError, parse_request_file  # noqa: F401 (re-exported for callers)
+from lumoe_engine.data.intake import parse_request_file
+from lumoe_engine.errors import RequestError
+from lumoe_engine.fileio import atomic_write
+from lumoe_engine.gate.config import GateConfig
 from lumoe_engine.ledger import Ledger, LedgerCorruptError, LedgerLockedError, UnknownRequestError
-from lumoe_engine.fileio import atomic_write_bytes
-from lumoe_engine.unlearn.losses import NonFiniteLossError
-from lumoe_engine.unlearn.trainer import train_expert  # module attribute: tests wrap it
 
-log = logging.getLogger("lumoe_engine.service")
+log = logging.getLogger("lumoe_engine.store")
 
 STORE_FORMAT = "lumoe-store"
 STORE_VERSION = 1
 STORE_JSON = "store.json"
 LEDGER_DIR, BANK_DIR, GATE_DIR, WORK_LOCK = "ledger", "bank", "gate", "work.lock"
-# The expert loss a request without "loss" gets: the stream's LUMoE default (idk, no retain term; see stream.py).
+# The expert loss a request without "loss" gets: the stream's LUMoE default (idk, no retain term; see
+# stream/config.py).
 DEFAULT_LOSS = {"name": "idk", "retain_weight": 0.0, "beta": 0.1}
-COLLAPSE_CHECK_TOKENS = 16  # answer length of the collapse guard's check (stream.collapse_check)
+COLLAPSE_CHECK_TOKENS = 16  # answer length of the collapse guard's check (unlearn.collapse.collapse_check)
 DEFAULT_TRAIN = {"steps": 40, "lr": 1e-2, "rank": 8, "alpha": 16.0, "batch_size": 16, "seed": 0}
-# layer / pooling / head None = the gate evaluation's defaults (stream._new_gate); general_negatives: queries of the
-# taught benchmark's other entities added to every head's negatives (0 = none; only for the embedded taught base).
-DEFAULT_GATE = {"layer": None, "pooling": None, "head": None, "target_fpr": 0.005, "seed": 0,
-                "general_negatives": 64}
+# queries of the taught benchmark's other entities added to every head's negatives (0 = none; only for the embedded
+# taught base)
+DEFAULT_GENERAL_NEGATIVES = 64
 LEDGER_WAIT_S = 60.0  # how long ``process`` waits for a submit to release the ledger
 
 
@@ -94,8 +96,8 @@ class Store:
                                  f"or new folder for the store")
             self.root.mkdir(parents=True, exist_ok=True)
             doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": round(time.time(), 3),
-                   "model": None, "gate": dict(DEFAULT_GATE), "train": dict(DEFAULT_TRAIN),
-                   "loss": dict(DEFAULT_LOSS)}
+                   "model": None, "gate": GateConfig().to_dict(), "general_negatives": DEFAULT_GENERAL_NEGATIVES,
+                   "train": dict(DEFAULT_TRAIN), "loss": dict(DEFAULT_LOSS)}
             self._write_config(doc)
         self.config = self._read_config()
 
@@ -108,10 +110,18 @@ class Store:
         if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT or doc.get("version") != STORE_VERSION:
             raise StoreError(f"{self.config_path}: not a {STORE_FORMAT!r} v{STORE_VERSION} file; point --store at a "
                              f"folder made by 'run.py submit'")
-        for key, default in (("gate", DEFAULT_GATE), ("train", DEFAULT_TRAIN), ("loss", DEFAULT_LOSS)):
+        for key, default in (("gate", GateConfig().to_dict()), ("train", DEFAULT_TRAIN), ("loss", DEFAULT_LOSS)):
             if not isinstance(doc.get(key), dict):
                 raise StoreError(f"{self.config_path}: '{key}' must be an object like {default}")
-            doc[key] = {**default, **doc[key]}
+            doc[key] = {**default, **doc[key]} if key != "gate" else dict(doc[key])
+        gate = doc["gate"]
+        if "general_negatives" in gate:  # stores made before the gate had its own config kept it there
+            doc.setdefault("general_negatives", gate.pop("general_negatives"))
+        doc.setdefault("general_negatives", DEFAULT_GENERAL_NEGATIVES)
+        try:
+            self.gate_config = GateConfig.from_dict(gate, where=f"{self.config_path}: 'gate'")
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{e}; fix store.json or make a new store") from None
         if doc.get("model") is not None and not (isinstance(doc["model"], dict)
                                                  and isinstance(doc["model"].get("dir"), str)):
             raise StoreError(f"{self.config_path}: 'model' must be null or an object with 'dir' (the base model's "
@@ -119,7 +129,7 @@ class Store:
         return doc
 
     def _write_config(self, doc: dict) -> None:
-        atomic_write_bytes(self.config_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(self.config_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
     def set_model(self, record: dict) -> None:
         """Fix the base model (the first ``process``): every expert of the store is trained on it."""
@@ -354,11 +364,6 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
 
-def _request_of(spec):
-    """The stream ``Request`` (QARecords; images from the ledger's content-addressed copies) of a stored spec."""
-    return spec.to_request()
-
-
 def reconcile(store: Store, led: Ledger, bank, gate) -> list[str]:
     """Remove the expert / gate entry of every revoked or failed request that still has one (a crash between the
     ledger event and the removal); returns the messages. Gate first (saved), then the bank."""
@@ -399,7 +404,9 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
     bank or gate (checked before the model is loaded)."""
     import torch
 
-    from lumoe_engine.stream import LUMOE_LOSS, StreamConfig, _FeatureCache, _new_gate
+    from lumoe_engine.engine import LUMoEEngine
+    from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.pipeline import RequestPipeline
     from lumoe_engine.unlearn.losses import LossConfig
     from lumoe_engine.unlearn.trainer import TrainConfig
 
@@ -428,11 +435,8 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
                                 alpha=float(tr["alpha"]), batch_size=int(tr["batch_size"]),
                                 retain_batch_size=int(tr["batch_size"]), seed=int(tr["seed"]),
                                 progress=opts.progress).validate()
-        g = store.config["gate"]
-        scfg = StreamConfig(gate_layer=g["layer"], gate_pooling=g["pooling"], gate_head=g["head"],
-                            target_fpr=float(g["target_fpr"]), seed=int(g["seed"]), gate_negatives="stream",
-                            loss=store.config["loss"].get("name", LUMOE_LOSS))
         default_loss = LossConfig(**store.config["loss"]).validate()
+        gate_cfg = store.gate_config
 
         model, processor, rec = _base_model(store, opts.model, opts.load_in_4bit, dict(opts.teach), opts.cache,
                                             opts.progress)
@@ -440,17 +444,17 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
         if torch.cuda.is_available() and not rec.get("load_in_4bit"):  # (as the stream: 4-bit loads on the GPU)
             model = model.to(f"cuda:{torch.cuda.current_device()}")
         bank = bank if bank is not None else store.open_bank(create=True)
-        gate = gate if gate is not None else _new_gate(scfg, model)
-        from lumoe_engine.engine import LUMoEEngine
-
+        gate = gate if gate is not None else Gate.from_config(gate_cfg, model)
         engine = LUMoEEngine(model, processor, bank, gate, top_k=1)
-        features = _FeatureCache(model, processor, gate)
-        general = _general_negatives(store, rec, int(g.get("general_negatives") or 0), int(g["seed"]))
+        pipeline = RequestPipeline(engine, bank, gate, store.gate_dir, gate_cfg, train_cfg, default_loss,
+                                   ledger=lambda: store.ledger(wait=LEDGER_WAIT_S),
+                                   collapse_tokens=COLLAPSE_CHECK_TOKENS)
+        general = _general_negatives(store, rec, int(store.config.get("general_negatives") or 0),
+                                     int(gate_cfg.seed))
         requests: dict = {}  # id -> stream Request of the stored copy (None: unreadable), read once per run
         try:
             for rid in todo:
-                results[rid] = _process_one(store, rid, bank, gate, engine, features, general, train_cfg,
-                                            default_loss, scfg, requests, out)
+                results[rid] = _process_one(store, rid, pipeline, general, requests, out)
             with store.ledger(wait=LEDGER_WAIT_S) as led:  # revocations recorded while this run trained
                 for m in reconcile(store, led, bank, gate):
                     out(m)
@@ -468,7 +472,7 @@ def _live_requests(store: Store, led: Ledger, cache: dict) -> tuple[list, list]:
             continue
         if rid not in cache:
             try:
-                cache[rid] = _request_of(led.spec(rid))
+                cache[rid] = led.spec(rid).to_request()
             except (LedgerCorruptError, RequestError) as e:
                 log.warning("request %s: stored copy unreadable (%s); left out of the gate's negatives", rid, e)
                 cache[rid] = None
@@ -479,89 +483,46 @@ def _live_requests(store: Store, led: Ledger, cache: dict) -> tuple[list, list]:
     return learned, live
 
 
-def _process_one(store, rid, bank, gate, engine, features, general, train_cfg, default_loss, scfg, cache,
-                 out) -> str:
-    """One request: training -> expert_saved -> gate_updated, or failed (bank and gate as before). Returns the
-    request's final state."""
+def _process_one(store, rid, pipeline, general, cache, out) -> str:
+    """One request of the store through the request pipeline: training -> expert_saved -> gate_updated, or failed
+    (bank and gate as before). Returns the request's final state."""
     from lumoe_engine.data.streams import Request
-    from lumoe_engine.model.bank import lora_bytes
-    from lumoe_engine.stream import ExpertCollapseError, _gate_training_set, collapse_check, request_names
     from lumoe_engine.unlearn.losses import LossConfig
 
     t0 = time.perf_counter()
     try:
         with store.ledger(wait=LEDGER_WAIT_S) as led:
-            for m in reconcile(store, led, bank, gate):  # revocations recorded while this run trained
+            for m in reconcile(store, led, pipeline.bank, pipeline.gate):  # revocations recorded while training
                 out(m)
             state = led.state(rid)
             if state in ("revoked", "gate_updated", "evaluated"):  # revoked meanwhile / done
                 return state
             spec = led.spec(rid)  # re-read and re-checked from the ledger's own copy
             _check_method(spec)
-            if state in ("received", "failed"):  # (training / expert_saved: an earlier run stopped there)
-                led.advance(rid, "training")
             learned, live = _live_requests(store, led, cache)
-        req = _request_of(spec)
+        req = spec.to_request()
         cache[rid] = req
-        loss_cfg = LossConfig(**spec.loss).validate() if spec.loss is not None else default_loss
-        info: dict = {}
-        if rid in bank and bank.info(rid).metadata.get("content_hash") != spec.content_hash:
-            out(f"{rid}: the bank holds an expert of other content under this id: replacing it")
-            if rid in gate:
-                gate.remove_expert(rid)
-                gate.save(store.gate_dir)
-            bank.remove(rid)
-        if rid in bank:
-            out(f"{rid}: expert already in the bank (an earlier run stopped after saving it): not trained again")
-        else:
-            expert, stats = train_expert(engine.model, engine.processor, engine.ctx, req, loss_cfg, train_cfg,
-                                         method="lumoe")
-            # the collapse guard, as in the stream: babble on the expert's own queries -> failed, nothing saved
-            collapse_check(engine.model, engine.processor, engine.ctx, expert, req, COLLAPSE_CHECK_TOKENS)
-            expert.metadata["content_hash"] = spec.content_hash
-            bank.add(expert)  # atomic: file, then manifest
-            info = {"bytes": lora_bytes(expert), "train_seconds": stats["seconds"], "loss": stats["final"]["loss"],
-                    "steps": stats["steps"]}
-        with store.ledger(wait=LEDGER_WAIT_S) as led:
-            led.advance(rid, "expert_saved", expert=rid, **info)
-        report = None
-        if rid not in gate:
-            negatives_src = [r for r in live if r.id != rid]
-            if general:
-                ents = set(req.entities) | {r.entity for r in req.forget}
-                answers = {_norm(r.answer) for r in req.forget}
-                pool = [r for r in general if r.entity not in ents and _norm(r.answer) not in answers]
-                negatives_src.append(Request(id="_general", forget=[], retain=pool, entities=()))
-            positives, negatives, groups = _gate_training_set(req, learned, negatives_src + [req], scfg)
-            report = gate.add_expert(rid, features(positives), features(negatives),
-                                     **({"pos_groups": groups} if groups else {}),
-                                     names=request_names(req, engine.processor))
-            try:
-                gate.save(store.gate_dir)
-            except BaseException:
-                gate.remove_expert(rid)
-                raise
-        with store.ledger(wait=LEDGER_WAIT_S) as led:
-            extra = {} if report is None else {"threshold": report.threshold, "tpr_cal": report.tpr_cal,
-                                               "fpr_cal": report.fpr_cal, "n_pos": report.n_pos,
-                                               "n_neg": report.n_neg}
-            led.advance(rid, "gate_updated", seconds=round(time.perf_counter() - t0, 3), **extra)
-        out(f"{rid}: gate_updated ({time.perf_counter() - t0:.1f} s)")
-        return "gate_updated"
-    except (RequestError, LedgerCorruptError, NonFiniteLossError, ExpertCollapseError, ValueError, OSError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        if rid in gate:  # added in memory (save failed) or saved: the gate goes back to its state before
-            saved = rid in _expert_ids_on_disk(store)[1]
-            gate.remove_expert(rid)
-            if saved:
-                gate.save(store.gate_dir)
-        if rid in bank:
-            bank.remove(rid)
+        loss_cfg = LossConfig(**spec.loss).validate() if spec.loss is not None else None
+    except (RequestError, LedgerCorruptError, ValueError, OSError) as exc:
         with store.ledger(wait=LEDGER_WAIT_S) as led:
             if led.state(rid) not in ("revoked", "failed"):
-                led.fail(rid, reason)
-        out(f"{rid}: failed: {reason}")
+                led.fail(rid, f"{type(exc).__name__}: {exc}")
+        out(f"{rid}: failed: {type(exc).__name__}: {exc}")
         return "failed"
+    # negatives: every other live request's retain queries, a general pool of the taught benchmark, its own retain
+    sources = [r for r in live if r.id != rid]
+    if general:
+        ents = set(req.entities) | {r.entity for r in req.forget}
+        answers = {_norm(r.answer) for r in req.forget}
+        pool = [r for r in general if r.entity not in ents and _norm(r.answer) not in answers]
+        sources.append(Request(id="_general", forget=[], retain=pool, entities=()))
+    res = pipeline.learn(req, learned=learned, retain_sources=sources + [req], loss_cfg=loss_cfg,
+                         content_hash=spec.content_hash, out=out)
+    if res.error is not None:
+        out(f"{rid}: failed: {type(res.error).__name__}: {res.error}")
+        return res.state or "failed"
+    out(f"{rid}: gate_updated ({time.perf_counter() - t0:.1f} s)")
+    return "gate_updated"
 
 
 # ================================================================================================= revoke
@@ -590,17 +551,6 @@ def revoke(store: Store, request_id: str, reason: Optional[str] = None, wait: fl
         out(f"{request_id}: a 'process' run holds the store: it removes the expert and gate entry before its next "
             f"request")
     return changed
-
-
-def revoke_run(out_dir: Union[str, Path], request_id: str, reason: Optional[str] = None):
-    """Revoke a request of a finished stream run (``out_dir/config.json``): ``lumoe_engine.stream.revoke``."""
-    from lumoe_engine import stream
-
-    fn = getattr(stream, "revoke", None)
-    if fn is None:
-        raise StoreError(f"{out_dir} is a stream run, and this engine's stream module has no revoke(); revoke "
-                         f"requests of a store (--store DIR) instead")
-    return fn(out_dir, request_id, reason)
 
 
 # ================================================================================================= status
@@ -654,5 +604,5 @@ def verify(store: Store) -> list[str]:
 
 
 __all__ = ["Store", "StoreError", "StoreBusyError", "SubmitResult", "submit_files", "watch", "ProcessOptions",
-           "process", "reconcile", "revoke", "revoke_run", "status", "StatusRow", "verify", "UnknownRequestError",
+           "process", "reconcile", "revoke", "status", "StatusRow", "verify", "UnknownRequestError",
            "LedgerLockedError"]

@@ -1,4 +1,4 @@
-"""The request service through its front door, ``python lumoe_engine/run.py submit | process | status | revoke |
+"""The request store through its front door, ``python lumoe_engine/run.py submit | process | status | revoke |
 verify`` (``run.main(argv)`` in process; one real subprocess): a store of two requests processed on the micro taught
 base, a revocation, a failing request (nan loss; a damaged image copy), resume after a crash, and more than twenty
 kinds of bad input, each refused with an error naming the file / request / field while every file of the store's
@@ -18,7 +18,8 @@ from PIL import Image
 
 from faults import nan_for
 from lumoe_engine import run as run_mod
-from lumoe_engine import service
+from lumoe_engine import pipeline
+from lumoe_engine import store as store_mod
 from lumoe_engine.ledger import Ledger
 from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
 
@@ -163,7 +164,7 @@ def test_failing_requests_end_failed_and_leave_bank_and_gate_unchanged(processed
     img = store / "ledger" / "images" / Path(doc["forget"][0]["image"]).name
     img.write_bytes(img.read_bytes()[:40])
     bank_before = {k: v for k, v in snapshot(store).items() if k.startswith(("bank", "gate"))}
-    monkeypatch.setattr(service, "train_expert", nan_for("r3"))
+    monkeypatch.setattr(pipeline, "train_expert", nan_for("r3"))
     rc, out, err = cli(capsys, "process", "--store", store, "--cache", cache, *FAST)
     assert rc == 1, out + err
     assert "r3: failed: NonFiniteLossError" in out and "r4: failed: LedgerCorruptError" in out
@@ -178,18 +179,18 @@ def test_failing_requests_end_failed_and_leave_bank_and_gate_unchanged(processed
 
 def test_collapsed_expert_fails_its_request_and_leaves_bank_and_gate_unchanged(processed, tmp_path, capsys,
                                                                                monkeypatch, cache):
-    """The store path runs the stream's collapse guard on every new expert (the guard itself: test_resume)."""
-    from lumoe_engine import stream as stream_mod
+    """The store path runs the collapse guard on every new expert (the guard itself: test_resume)."""
+    from lumoe_engine.errors import ExpertCollapseError
 
     calls = []
 
     def guard(model, processor, ctx, expert, request, max_new, **kw):
         calls.append(request.id)
         if request.id == "r5":
-            raise stream_mod.ExpertCollapseError(f"request {request.id!r}: the expert collapsed (test); not saved")
+            raise ExpertCollapseError(f"request {request.id!r}: the expert collapsed (test); not saved")
         return {"answers": [], "degenerate": 0}
 
-    monkeypatch.setattr(stream_mod, "collapse_check", guard)
+    monkeypatch.setattr(pipeline, "collapse_check", guard)
     store = copy_store(processed, tmp_path / "store")
     files = write_requests(tmp_path / "in", {"id": "r5", "forget": [qa("What is Olan Brisk's trade?", "tanner")]},
                            {"id": "r6", "forget": [qa("Where does Olan Brisk live?", "Quell")]})
@@ -222,7 +223,7 @@ def test_process_resumes_after_a_crash_without_training_twice(processed, tmp_pat
         calls.append(a[3].id)
         return real_train_expert(*a, **kw)
 
-    monkeypatch.setattr(service, "train_expert", counting)
+    monkeypatch.setattr(pipeline, "train_expert", counting)
     real_add = Gate.add_expert
 
     def killed(self, *a, **kw):  # the process dies after the expert is saved, before the gate entry
@@ -264,7 +265,7 @@ def test_revocation_interrupted_before_the_removal_is_finished_by_process(proces
 
 
 def test_watch_submits_new_and_changed_files_only(processed, tmp_path, capsys):
-    store = service.Store(copy_store(processed, tmp_path / "store"))
+    store = store_mod.Store(copy_store(processed, tmp_path / "store"))
     folder = tmp_path / "drop"
     write_requests(folder, R1)
     (folder / "half.json").write_text('{"forget": [')  # caught half-written
@@ -278,7 +279,7 @@ def test_watch_submits_new_and_changed_files_only(processed, tmp_path, capsys):
         else:
             raise KeyboardInterrupt
 
-    service.watch(store, folder, interval=0.01, out=lines.append, sleep=sleep)
+    store_mod.watch(store, folder, interval=0.01, out=lines.append, sleep=sleep)
     assert any(ln.endswith("r1.json: already received as r1 (state gate_updated)") for ln in lines)
     assert any(ln.startswith(f"error: {folder / 'half.json'}:") and "invalid JSON" in ln for ln in lines)
     assert any(ln.endswith("r6.json: received as r6") for ln in lines)
@@ -437,7 +438,7 @@ def test_revoke_unknown_id_changes_nothing(bad_store, capsys):
 
 def test_revoke_while_process_holds_the_store_is_recorded_then_finished(processed, tmp_path, capsys, cache):
     store = copy_store(processed, tmp_path / "store")
-    with service.Store(store).work_lock():  # a 'process' run is changing the bank and the gate
+    with store_mod.Store(store).work_lock():  # a 'process' run is changing the bank and the gate
         rc, out, err = cli(capsys, "revoke", "r1", "--store", store)
         assert rc == 0, err
         assert "r1: revoked" in out and "a 'process' run holds the store" in out
