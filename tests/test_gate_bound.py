@@ -70,7 +70,10 @@ def test_bound_vetoes_a_query_its_head_accepts():
     assert bool((g.similarity_to(far)[:, 0] < g.sim_bounds[0]).all())
     assert (g.route(far)[1] == -1).all()
     own = _blob(_axis(D, 0), 20, 12)
-    assert g.route(own)[1][:, 0].tolist() == [0] * 20
+    got = g.route(own)[1][:, 0].tolist()
+    # fresh queries of e0's own distribution: the bound is a low quantile of its held-out positives, so a few of
+    # them may fall under it (about that quantile's share; 1 of 20 with this seed), none may go elsewhere
+    assert set(got) <= {0, -1} and got.count(0) >= 18, got
     # the same gate without the bound routes the far queries to e0
     nb = _gate(D, head="linear", similarity=None)
     assert nb.route(far)[1][:, 0].tolist() == [0] * 20 and nb.reports["e0"].sim_bound is None

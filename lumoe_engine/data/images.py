@@ -12,23 +12,18 @@ with SHA-256, never Python's salted ``hash``).
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lumoe_engine.seeding import stable_seed
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
 N_LAYOUTS = 9  # one per class of the benchmark; index = class index modulo N_LAYOUTS
 _SS = 2  # supersampling factor of the drawing canvas (anti-aliasing by downscaling)
 _GOLDEN = 0.6180339887498949
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, stable across processes and platforms."""
-    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from lumoe_engine.data.images import identity_for, render, stable_seed
+from lumoe_engine.data.images import identity_for, render
+from lumoe_engine.seeding import stable_seed
 
 FORMAT_VERSION = 1  # bump when the generated content changes: cached benchmarks are then rewritten
 N_KINDS = 5

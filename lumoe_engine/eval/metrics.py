@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import random
-import zlib
 from collections import defaultdict
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from lumoe_engine.data.records import Benchmark, QARecord
 from lumoe_engine.data.streams import Request
 from lumoe_engine.eval.scoring import fact_correct, leak
 from lumoe_engine.fileio import atomic_write
+from lumoe_engine.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,6 @@ def _max(values) -> Optional[float]:
 
 def _one_minus(v: Optional[float]) -> Optional[float]:
     return None if v is None else 1.0 - v
-
-
-def _seed_of(*parts) -> int:
-    return zlib.crc32("\x1f".join(map(str, parts)).encode("utf-8"))
 
 
 def stratified_sample(records: list[QARecord], cap: Optional[int], seed: int) -> list[QARecord]:
@@ -164,8 +160,9 @@ class StreamEvaluator:
                 "retain": [r for e in req.retain_entities if e not in requested for r in by_entity.get(e, ())],
                 "unrequested": unrequested,
             }
-            self._sets[req.id] = {k: stratified_sample(v, max_per_set, _seed_of(self.seed, req.id, k))
-                                  for k, v in forms.items()}
+            self._sets[req.id] = {
+                k: stratified_sample(v, max_per_set, stable_seed("evaluation-sample", self.seed, req.id, k))
+                for k, v in forms.items()}
         self._base: Optional[dict[str, str]] = None
         self._base_ok: dict[str, bool] = {}
         self._rows: dict[str, dict[int, list[dict]]] = defaultdict(dict)

@@ -41,7 +41,6 @@ import logging
 import math
 import sys
 import time
-import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -50,6 +49,7 @@ import torch
 
 from lumoe_engine.data.records import QARecord
 from lumoe_engine.fileio import atomic_write
+from lumoe_engine.seeding import stable_seed
 from lumoe_engine.gate.config import DEFAULT_LAYER, GATE_PRESETS, HEADS, GateConfig, gate_preset
 from lumoe_engine.gate.features import POOLINGS, decoder_layers, layer_features
 from lumoe_engine.gate.gate import Gate
@@ -66,7 +66,7 @@ TARGETS = {"route_acc_image_text": 0.99, "route_acc_text_only": 0.99, "route_acc
 
 # ------------------------------------------------------------------------------------------------- record sets
 def _held_out(uid: str, share: float, seed: int) -> bool:
-    return (zlib.crc32(f"{seed}:{uid}".encode()) % 10_000) < share * 10_000
+    return (stable_seed("gate-eval-held-out", seed, uid) % 10_000) < share * 10_000
 
 
 def _teachable(r: QARecord) -> bool:

@@ -70,7 +70,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -84,6 +83,7 @@ from lumoe_engine.gate import features as _features
 from lumoe_engine.gate.config import HEADS
 from lumoe_engine.fileio import atomic_write, validate_expert_id
 from lumoe_engine.model.bank import UnknownExpertError
+from lumoe_engine.seeding import stable_seed
 
 GATE_FORMAT = "lumoe-gate"
 GATE_FORMAT_VERSION = 3  # 3: name channel; 2: prototypes + similarity bounds; versions 1-2 load without them
@@ -141,10 +141,6 @@ def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: b
     if finite and x.numel() and not bool(torch.isfinite(x).all()):  # a device sync: not on the routing path
         raise ValueError(f"{name}: contains NaN or inf; check the feature extraction")
     return x
-
-
-def _stable_seed(seed: int, expert_id: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(expert_id.encode("utf-8"))) & 0x7FFFFFFF
 
 
 def _split(n: int, share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,7 +577,7 @@ class Gate:
             img_standardizer = self._fit_image_standardizer(both[:, self.dim:][self._image_rows(both)])
         try:
             p_pos, p_neg = self.phi(pos), self.phi(neg)
-            gen = torch.Generator().manual_seed(_stable_seed(self.seed, expert_id))
+            gen = torch.Generator().manual_seed(stable_seed("gate-head", self.seed, expert_id))
             neg_fit, neg_cal = _split(len(neg), self.calib_share, gen)
             cal_neg = p_neg[neg_cal] if len(neg_cal) else p_neg[neg_fit]
             target = self.target_fpr / len(groups)

@@ -34,7 +34,6 @@ The wrappers (``forward_logits``, ``unlearning_loss``) call ``model(**batch)`` w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lumoe_engine.data.records import QARecord
+from lumoe_engine.seeding import stable_seed
 
 IGNORE = -100
 
@@ -209,10 +209,9 @@ def _check_refusals(refusals: Sequence[str]) -> None:
 
 
 def pick_refusal(uid: str, refusals: Sequence[str] = REFUSALS, seed: int = 0) -> str:
-    """The refusal for the record ``uid``: stable across runs and processes (sha1 of seed and uid)."""
+    """The refusal for the record ``uid``: stable across runs and processes (``seeding.stable_seed``)."""
     _check_refusals(refusals)
-    h = int.from_bytes(hashlib.sha1(f"{seed}:{uid}".encode()).digest()[:8], "big")
-    return refusals[h % len(refusals)]
+    return refusals[stable_seed("refusal", seed, uid) % len(refusals)]
 
 
 def idk_records(records: Sequence[QARecord], refusals: Sequence[str] = REFUSALS, seed: int = 0) -> list[QARecord]:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from lumoe_engine.data.records import QARecord
 from lumoe_engine.data.streams import Request
 from lumoe_engine.errors import RequestError
+from lumoe_engine.seeding import stable_seed
 from lumoe_engine.model.bank import Expert
 from lumoe_engine.model.collate import collate, image_token_count, pixel_values_for
 from lumoe_engine.model.multilora import LoRAContext, TrainableExpert, new_trainable_expert
@@ -361,12 +362,6 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- train
-def _module_seed(seed: int, request_id: str) -> int:
-    import zlib
-
-    return (int(seed) * 1_000_003 + zlib.crc32(request_id.encode("utf-8"))) & 0x7FFFFFFF
-
-
 def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request, loss_cfg: LossConfig,
                  train_cfg: TrainConfig, image_fn: Optional[ImageFn] = None, method: str = "lumoe",
                  use_deepspeed: Optional[bool] = None) -> tuple[Expert, dict]:
@@ -383,7 +378,7 @@ def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request
     check_request(request, loss_cfg, image_fn)
     ds = launched_by_deepspeed() if use_deepspeed is None else use_deepspeed
     rank, world = init_distributed() if ds else (0, 1)
-    seed = _module_seed(train_cfg.seed, request.id)
+    seed = stable_seed("expert", train_cfg.seed, request.id) & 0x7FFFFFFF  # 31 bits: every RNG takes it
     spec = get_spec(loss_cfg.name)
     needs_forget = "forget" in spec.policy or "forget" in spec.reference
     needs_idk = "idk" in spec.policy
