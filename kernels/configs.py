@@ -388,3 +388,54 @@ def force_dot16(enabled: bool = True):
 def launch_options(cfg: KernelConfig) -> dict:
     """The ``num_warps`` / ``num_stages`` launch options of ``cfg`` (the interpreter ignores them)."""
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------------------- tuning
+@dataclass
+class TuneResult:
+    key: str
+    best: KernelConfig
+    best_ms: float
+    default_ms: float
+    tried: list            # (config, ms or None, note)
+
+
+def tune(op: str, dtype: torch.dtype, hidden: int, rank: int, rows: int, run, timer, *, timed=None, check=None,
+         sweep: list[KernelConfig] | None = None, log=None) -> TuneResult:
+    """Time ``run()`` under every candidate configuration of one key and keep the fastest that agrees with the
+    default's result.
+
+    run: () -> tensor, one launch of ``op`` at the key's shape on fresh outputs (called under ``override(op, cfg)``);
+    timed: what the timer runs (default ``run``; e.g. the launch alone, updating an output in place);
+    timer: (fn) -> ms (``triton.testing.do_bench`` on a GPU; any timer on the CPU, e.g. in the interpreter);
+    check: (got, want) -> bool, default ``torch.allclose`` at 1e-2 (a config must compute the same thing).
+    sweep: the configurations to try (default ``candidates``; the first is the reference result).
+    A candidate that fails to compile or run, or disagrees, is skipped (noted in ``tried``).
+    """
+    key = config_key(op, dtype, hidden, rank, rows)
+    cands = sweep or candidates(op, dtype, hidden, rank, rows)
+    check = check or (lambda got, want: torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2))
+    want = None
+    tried = []
+    for cfg in cands:
+        try:
+            with override(op, cfg):
+                got = run()
+                if want is None:
+                    want = got.clone()
+                elif not check(got, want):
+                    tried.append((cfg, None, "disagrees with the default"))
+                    continue
+                ms = float(timer(timed or run))
+        except Exception as exc:  # out of shared memory, registers, ...: not a candidate on this device
+            tried.append((cfg, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"))
+            continue
+        tried.append((cfg, ms, ""))
+        if log:
+            log(f"  {key} {cfg.short()}: {ms:.4f} ms")
+    timed = [(ms, i, cfg) for i, (cfg, ms, _) in enumerate(tried) if ms is not None]
+    if not timed:
+        raise RuntimeError(f"{key}: no candidate ran ({[n for _, _, n in tried]})")
+    best_ms, _, best = min(timed)
+    default_ms = next((ms for cfg, ms, _ in tried if cfg == cands[0] and ms is not None), float("nan"))
+    return TuneResult(key, best, best_ms, default_ms, tried)
