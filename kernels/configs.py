@@ -11,12 +11,13 @@
 - rows bucket: routed rows M = T*k rounded up to a power of two, at most 16,384 (``rows_bucket``).
 
 **The lookup** (``get_config``): an override (``override``, used by the tuner and the tests), else the table in effect
-(``LUMOE_KERNEL_CONFIGS=path.json``, else, on a GPU, ``$LUMOE_CACHE/kernel_configs/<device>.json`` as written by
-``benchmarks/bench_kernels.py --tune`` on that device): the exact key, else the nearest rows bucket with the same
-(op, dtype, hidden, rank); else ``default_config``, computed from the key alone and safe on every device (every dot
-block >= 16, at most 48 KB of tiles in flight). The table is read once per process (``reset_configs`` forgets it).
-A table written for another device is ignored with a warning (block sizes that fit one GPU's shared memory may not
-fit another's).
+(``LUMOE_KERNEL_CONFIGS=path.json``; else, on a GPU, ``kernels/tables/<device>.json`` shipped with the code, updated
+by ``$LUMOE_CACHE/kernel_configs/<device>.json`` as written by ``benchmarks/bench_kernels.py --tune`` on that device):
+the exact key, else the nearest rows bucket with the same (op, dtype, hidden, rank); else ``default_config``,
+computed from the key alone and safe on every device (every dot block >= 16, at most 48 KB of tiles in flight). The
+table is read once per process (``reset_configs`` forgets it). A table written for another device is ignored with a
+warning (block sizes that fit one GPU's shared memory may not fit another's). No table is shipped yet: none has
+been measured on a GPU.
 
 **Dot operands** (``dot_flags``): on a GPU, fp16/bf16 tiles go into ``tl.dot`` as they are (tensor cores, fp32
 accumulation; ``DOT16``); fp32 tiles use exact fp32 products (``input_precision="ieee"``) unless ``LUMOE_TF32=1``
@@ -239,7 +240,30 @@ def cache_table_path(name: str | None = None) -> Path:
     return root / "kernel_configs" / f"{device_slug(name or device_name())}.json"
 
 
+def shipped_table_path(name: str | None = None) -> Path:
+    """``lumoe_engine/kernels/tables/<device>.json``: a table measured on that device and committed with the code."""
+    return Path(__file__).resolve().parent / "tables" / f"{device_slug(name or device_name())}.json"
+
+
+def _read_table(path: Path, here: str) -> dict:
+    """The entries of one table file, or {} (with a warning) when it is another device's or unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("device") != here:
+            warnings.warn(f"kernel config table {path} was written on {doc.get('device')!r}, this is {here!r}: "
+                          "ignored (tune on this device with benchmarks/bench_kernels.py --tune)", RuntimeWarning,
+                          stacklevel=4)
+            return {}
+        return {k: KernelConfig.from_dict(v) for k, v in doc.get("entries", {}).items()}
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        warnings.warn(f"kernel config table {path} is unreadable ({exc}); using the defaults", RuntimeWarning,
+                      stacklevel=4)
+        return {}
+
+
 def _load() -> dict:
+    """The table in effect: ``LUMOE_KERNEL_CONFIGS`` alone when set; otherwise, on a GPU, the shipped table of this
+    device updated by the cached one (``cache_table_path``). The interpreter reads a table only when named."""
     global _table, _table_path
     if _table is not None:
         return _table
@@ -248,27 +272,25 @@ def _load() -> dict:
             return _table
         env = os.environ.get("LUMOE_KERNEL_CONFIGS", "").strip()
         here = device_name()
-        # The cached table is a GPU's; the interpreter reads a table only when named (tests, dry runs).
-        path = Path(env).expanduser() if env else (cache_table_path(here) if here != "interpreter" else None)
         entries: dict = {}
-        if path is not None and path.is_file():
-            try:
-                doc = json.loads(path.read_text())
-                if doc.get("device") != here:
-                    warnings.warn(f"kernel config table {path} was written on {doc.get('device')!r}, this is "
-                                  f"{here!r}: ignored (tune on this device with benchmarks/bench_kernels.py --tune)",
-                                  RuntimeWarning, stacklevel=3)
-                else:
-                    entries = {k: KernelConfig.from_dict(v) for k, v in doc.get("entries", {}).items()}
-                    logger.info("kernel configs: %d entries from %s", len(entries), path)
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                warnings.warn(f"kernel config table {path} is unreadable ({exc}); using the defaults",
-                              RuntimeWarning, stacklevel=3)
-                entries = {}
-        elif env:
-            warnings.warn(f"LUMOE_KERNEL_CONFIGS={env}: no such file; using the defaults", RuntimeWarning,
-                          stacklevel=3)
-        _table, _table_path = entries, str(path) if entries else None
+        used = []
+        if env:
+            path = Path(env).expanduser()
+            if path.is_file():
+                entries = _read_table(path, here)
+                used = [str(path)] if entries else []
+            else:
+                warnings.warn(f"LUMOE_KERNEL_CONFIGS={env}: no such file; using the defaults", RuntimeWarning,
+                              stacklevel=3)
+        elif here != "interpreter":
+            for path in (shipped_table_path(here), cache_table_path(here)):
+                if path.is_file():
+                    found = _read_table(path, here)
+                    entries.update(found)
+                    used += [str(path)] if found else []
+        if entries:
+            logger.info("kernel configs: %d entries from %s", len(entries), ", ".join(used))
+        _table, _table_path = entries, ", ".join(used) or None
         return _table
 
 
