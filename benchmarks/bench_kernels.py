@@ -10,23 +10,27 @@ comparison (torch reference vs C++ op vs per-expert loop), and the tune mode tha
 **GPU suite** (``--device cuda``): every op at T in {1, 16, 256, 4096, 16384}, H = N in {4096, 11008}, r in {8, 16,
 64}, 1 / 8 / 64 / 1,000 active experts (``uniform``: every expert T / experts tokens, k = 1; a count above T is
 left out), bf16; the done-when shapes first, then the rest while ``--budget-s`` lasts. Ops and providers:
-- ``lora_shrink``, ``lora_expand`` (grouped, metadata built beforehand), ``lora_shrink_expand`` (the decode op,
-  T <= 256), ``lora_weight_grad`` (dA and dB), ``lora_train`` (forward + backward of ``ops.grouped_lora``, T >= 256),
-  ``topk_routing`` (k = 2 over E in {8, 64, 1000}), ``align_by_expert``;
-- ``triton`` (the kernels; ``lora_shrink_expand`` also ``triton_grouped``: shrink + expand over the metadata),
-  ``torch`` (the reference; left out where it would gather more than 2^31 elements), ``dense`` (one dense LoRA of
-  rank r with the same FLOPs: ``x @ A^T``, ``y.addmm_(u, B^T)``; the limit), ``dense_bytes`` (one dense LoRA of rank
-  r x active, the same weight bytes; only when several experts are active), ``grouped`` (``lora_train`` with one
-  expert forced through the grouped kernels, as before the dense path), ``torch_chain`` (routing:
-  ``softmax(logits.float()).topk(k)``).
+- ``lora_shrink``, ``lora_expand`` (grouped, metadata built beforehand), ``lora_shrink_expand`` (one linear's LoRA
+  forward: the decode op up to T = 256, the grouped pair), ``lora_weight_grad`` (dA and dB), ``lora_train``
+  (forward + backward of ``ops.grouped_lora``, T >= 256), ``topk_routing`` (k = 2 over E in {8, 64, 1000}),
+  ``align_by_expert``;
+- ``triton`` (the kernels; ``lora_shrink_expand``: the decode op, and ``triton_grouped``: shrink + expand over the
+  metadata), ``ops`` (``lora_train``: ``ops.grouped_lora``, the dense path for one expert), ``torch`` (the
+  reference; left out where it would gather more than 2^31 elements), ``loop`` (peft's per-adapter gather +
+  index_add, row indices precomputed), ``dense`` (one dense LoRA of rank r with the same FLOPs: ``x @ A^T``,
+  ``y.addmm_(u, B^T)``; the limit), ``dense_bytes`` (one dense LoRA of rank r x active, the same weight bytes; only
+  when several experts are active), ``grouped`` (``lora_train`` with one expert forced through the grouped kernels,
+  as before the dense path), ``torch_chain`` (routing: ``softmax(logits.float()).topk(k)``).
 GB/s counts the bytes an op must move at least (the same for every provider of a row group); ``bw_share`` divides
 it by the bandwidth of a 1 GiB device copy measured in the same run (``copy_gbps``). Timing:
 ``triton.testing.do_bench`` (L2 flushed before every run), median and 20th / 80th percentiles.
 
 **CPU** (``--device cpu``, the default): ``lora_forward`` (y += scale * (x @ A_e^T) @ B_e^T, k = 1, S = 1) with
 providers ``torch`` / ``cpp`` / ``cpp_fused`` / ``loop`` (peft's per-adapter gather + index_add, row indices
-precomputed: a lower bound) over ``uniform`` / ``zipf`` / ``identical`` token distributions, and ``topk_routing``;
-interleaved rounds of ``time.perf_counter`` (a shared machine's load hits all providers alike).
+precomputed: a lower bound) over ``uniform`` / ``zipf`` / ``identical`` token distributions, ``topk_routing``,
+and ``lora_train`` (forward + backward of ``ops.grouped_lora`` with one expert, the dense path,
+against the grouped ops of the torch / C++ backends, and with 4 experts); interleaved rounds of
+``time.perf_counter`` (a shared machine's load hits all providers alike).
 
 **Tune** (``--tune``): for the suite's key shapes, every candidate of ``configs.candidates`` is timed and the fastest
 that agrees with the default is kept; writes ``OUT/kernel_configs.json`` (and, on a GPU, the cache file the kernels
@@ -356,6 +360,67 @@ def bench_cpu_routing(env: Env, emit) -> None:
                 emit(row)
 
 
+def bench_cpu_train(env: Env, emit) -> None:
+    """A training step (forward + backward of ``ops.grouped_lora``, every row to one expert, as a new expert trains;
+    and over 4 experts): the one-expert dense path against the grouped ops of the torch and C++ backends."""
+    import torch
+
+    from lumoe_engine import ops
+    from lumoe_engine.ops import dispatch
+
+    s = env.sizes
+    el = torch.empty((), dtype=env.dtype).element_size()
+    T, H, R = s.lora_T, s.lora_H, s.lora_r
+
+    def on_backend(name, fn):
+        def run():
+            old = os.environ.get("LUMOE_BACKEND")
+            os.environ["LUMOE_BACKEND"] = name
+            dispatch.reset_backend()
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop("LUMOE_BACKEND", None)
+                else:
+                    os.environ["LUMOE_BACKEND"] = old
+                dispatch.reset_backend()
+        return run
+
+    for E in (1, 4):
+        d = lora_inputs(env, E, "uniform")
+        dy = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(env.dtype)
+        x = d["x"].detach().requires_grad_(True)
+        a = d["lora_a"].detach().requires_grad_(True)
+        b = d["lora_b"].detach().requires_grad_(True)
+        args = (d["slice_offsets"], d["meta"], d["scales"], d["ranks"])
+
+        def step(fn):
+            def run():
+                fn(x, a, b, *args).backward(dy)
+                x.grad = a.grad = b.grad = None
+            return run
+
+        front = step(lambda *t: ops.grouped_lora(*t, validate=False))
+        grouped = step(lambda *t: ops.GroupedLoRAFunction.apply(*t))
+        provs = [("ops", lambda: on_backend("cpp", front)), ("grouped_torch", lambda: on_backend("torch", grouped))]
+        from lumoe_engine.ops import cpp
+
+        if cpp.available():
+            provs.append(("grouped_cpp", lambda: on_backend("cpp", grouped)))
+        a0, b0 = a[0, 0].detach().clone().requires_grad_(True), b[0].detach().clone().requires_grad_(True)
+
+        def dense():
+            ((x @ a0.t()) @ b0.t() * 2.0).backward(dy)
+            x.grad = a0.grad = b0.grad = None
+        provs.append(("dense", lambda: dense))
+        rows = [base_row(env, op="lora_train", provider=name, T=T, H=H, N=H, r=R, experts=E, active=d["active"], k=1,
+                         distribution="uniform") for name, _ in provs]
+        nbytes = (6 * T * H + 3 * d["active"] * R * 2 * H) * el
+        for row in measure(env, rows, [bld for _, bld in provs], nbytes, 12.0 * T * R * H):
+            emit(row)
+
+
 def speedups(rows: list[dict]) -> list[dict]:
     """Per CPU lora_forward size: the fastest provider other than the loop (by median), and its speedup over the
     loop, by median and by best run (the best run is what an otherwise idle machine gives)."""
@@ -446,6 +511,10 @@ class Inputs:
                  slice_offsets=torch.tensor([0, N], dtype=torch.int32, device=dev),
                  ids=ids, weights=w, meta=meta, active=active,
                  scales=torch.full((E,), 2.0, device=dev), ranks=torch.full((E,), r, dtype=torch.int32, device=dev))
+        flat = ids.reshape(-1).long()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E).tolist()                                # setup only: a host read
+        d["groups"] = [(e, idx) for e, idx in enumerate(torch.split(order, counts)) if idx.numel()]
         d["buf"] = torch.randn(1, T, r, generator=g, device=dev)                          # [S, M, r] fp32
         d["u"] = d["buf"][0].to(env.dtype)                                                 # [T, r]
         d["a0"], d["b0"] = a[0, 0], b[0]                                                   # one expert
@@ -498,7 +567,7 @@ def suite_lora(env: Env, emit, shapes: list[Shape], deadline: float) -> int:
             for row in rows:
                 if row["provider"] in ("triton", "triton_grouped", "torch"):
                     row["block_m"] = meta.block_m
-                if row["provider"].startswith("triton"):
+                if row["provider"].startswith("triton") or row["provider"] == "ops":
                     row["config"] = cfg
             for row in measure(env, rows, [b for _, b in provs], nbytes, flops):
                 emit(row)
@@ -525,23 +594,25 @@ def suite_lora(env: Env, emit, shapes: list[Shape], deadline: float) -> int:
         run("lora_expand", provs, T * r * 4 + a_cnt * N * r * el + 2 * T * N * el, 2.0 * T * r * N,
             _config_text(("lora_expand", dt, N, r, T)))
 
-        # ---- the decode op (fused shrink + expand from the routing)
-        if T <= s.fused_max_T:
-            args = (d["x"], d["lora_a"], d["lora_b"], d["slice_offsets"], d["ids"], d["weights"], d["scales"],
-                    d["ranks"], d["y"])
+        # ---- one linear's LoRA forward: the decode op (T <= fused_max_T), the grouped shrink + expand, peft's loop
+        args = (d["x"], d["lora_a"], d["lora_b"], d["slice_offsets"], d["ids"], d["weights"], d["scales"],
+                d["ranks"], d["y"])
 
-            def grouped():
-                buf = lora_shrink(d["x"], d["lora_a"], meta, d["ranks"])
-                return lora_expand(buf, d["lora_b"], d["slice_offsets"], meta, d["scales"], d["ranks"], d["y"])
-            provs = [("triton", lambda: (lambda: lora_shrink_expand(*args))), ("triton_grouped", lambda: grouped)]
-            if ref_ok:
-                provs.append(("torch", lambda: (lambda: ref_lora.lora_shrink_expand(*args))))
-            provs.append(("dense", lambda: (lambda: d["y"].addmm_(d["x"] @ d["a0"].t(), d["b0"].t()))))
-            if a_cnt > 1:
-                provs.append(("dense_bytes", lambda: (lambda: d["y"].addmm_(d["x"] @ d["a_all"].t(), d["b_all"].t()))))
-            run("lora_shrink_expand", provs, (T * H + a_cnt * r * (H + N) + 2 * T * N) * el,
-                2.0 * T * r * (H + N),
-                _config_text(("lora_decode_shrink", dt, H, r, T), ("lora_decode_expand", dt, N, r, T)))
+        def grouped():
+            buf = lora_shrink(d["x"], d["lora_a"], meta, d["ranks"])
+            return lora_expand(buf, d["lora_b"], d["slice_offsets"], meta, d["scales"], d["ranks"], d["y"])
+        provs = [("triton", lambda: (lambda: lora_shrink_expand(*args)))] if T <= s.fused_max_T else []
+        provs.append(("triton_grouped", lambda: grouped))
+        if ref_ok:
+            provs.append(("torch", lambda: (lambda: ref_lora.lora_shrink_expand(*args))))
+        provs.append(("loop", lambda: (lambda: peft_loop(dict(d, scaling=2.0)))))
+        provs.append(("dense", lambda: (lambda: d["y"].addmm_(d["x"] @ d["a0"].t(), d["b0"].t()))))
+        if a_cnt > 1:
+            provs.append(("dense_bytes", lambda: (lambda: d["y"].addmm_(d["x"] @ d["a_all"].t(), d["b_all"].t()))))
+        run("lora_shrink_expand", provs, (T * H + a_cnt * r * (H + N) + 2 * T * N) * el, 2.0 * T * r * (H + N),
+            _config_text(("lora_decode_shrink", dt, H, r, T), ("lora_decode_expand", dt, N, r, T))
+            if T <= s.fused_max_T else "grouped: " + _config_text(("lora_shrink", dt, H, r, T),
+                                                                   ("lora_expand", dt, N, r, T)))
 
         # ---- weight gradients: dA [1, E, r, H], dB [E, N, r]
         gargs = (d["x"], d["dy"], d["buf"], d["buf"], d["slice_offsets"], meta, d["scales"], d["ranks"])
@@ -566,8 +637,8 @@ def suite_lora(env: Env, emit, shapes: list[Shape], deadline: float) -> int:
 
             so, sc, rk = d["slice_offsets"], d["scales"], d["ranks"]
             a_p, b_p = d["lora_a"].detach().requires_grad_(True), d["lora_b"].detach().requires_grad_(True)
-            provs = [("triton", lambda: train(lambda x, a, b: ops.grouped_lora(x, a, b, so, meta, sc, rk,
-                                                                                 validate=False), a_p, b_p))]
+            provs = [("ops", lambda: train(lambda x, a, b: ops.grouped_lora(x, a, b, so, meta, sc, rk,
+                                                                              validate=False), a_p, b_p))]
             if E == 1:
                 provs.append(("grouped", lambda: train(lambda x, a, b: ops.GroupedLoRAFunction.apply(
                     x, a, b, so, meta, sc, rk), a_p, b_p)))
@@ -801,8 +872,9 @@ def main(argv=None) -> int:
                     help="stop starting new shapes after this many seconds (suite or tune); rows so far are kept")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                     help="data type (default fp32 on CPU, bf16 on CUDA)")
-    ap.add_argument("--ops", nargs="*", default=["lora", "routing"], choices=("lora", "routing"),
-                    help="lora: the grouped LoRA ops (CPU: lora_forward); routing: topk_routing (+ align on GPU)")
+    ap.add_argument("--ops", nargs="*", default=["lora", "routing", "train"], choices=("lora", "routing", "train"),
+                    help="lora: the grouped LoRA ops (CPU: lora_forward; GPU: with lora_train); routing: topk_routing "
+                         "(+ align on GPU); train: the CPU training step (one expert: dense path vs grouped ops)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--experts", type=int, nargs="*", default=None, help="override the expert counts")
     ap.add_argument("--distributions", nargs="*", default=None, choices=("uniform", "zipf", "identical"),
@@ -888,6 +960,8 @@ def main(argv=None) -> int:
                 bench_cpu_lora(env, emit)
             if "routing" in args.ops:
                 bench_cpu_routing(env, emit)
+            if "train" in args.ops:
+                bench_cpu_train(env, emit)
 
     config = dict(args={k: str(v) for k, v in vars(args).items()}, sizes=asdict(sizes), device=device,
                   copy_gbps=env.copy_gbps, threads=torch.get_num_threads(), python=sys.version.split()[0],
