@@ -167,7 +167,6 @@ def copy_bandwidth(env: Env) -> float:
     src = torch.empty(n, dtype=torch.float32, device=env.device).uniform_()
     dst = torch.empty_like(src)
     (p50, _, _, _), = time_ops(env, [lambda: dst.copy_(src)])
-    del src, dst
     return 2 * n * 4 / (p50 * 1e-3) / 1e9
 
 
@@ -652,7 +651,6 @@ def suite_lora(env: Env, emit, shapes: list[Shape], deadline: float) -> int:
                 "ops.grouped_lora: dense path" if E == 1 else
                 _config_text(("lora_shrink", dt, H, r, T), ("lora_expand", dt, N, r, T),
                              ("lora_grad_a", dt, H, r, T), ("lora_grad_b", dt, N, r, T)))
-        del d
     return 0
 
 
@@ -674,7 +672,8 @@ def suite_routing(env: Env, emit, deadline: float) -> int:
         def triton_topk():
             from lumoe_engine.kernels.topk_routing import topk_routing
             return lambda: topk_routing(logits, k)
-        provs = [("triton", triton_topk), ("torch_chain", lambda: (lambda: torch.softmax(logits.float(), -1).topk(k, -1)))]
+        provs = [("triton", triton_topk),
+                 ("torch_chain", lambda: (lambda: torch.softmax(logits.float(), -1).topk(k, -1)))]
         if T * E <= (1 << 24):
             provs.append(("torch", lambda: (lambda: ref_topk(logits, k))))
         rows = [base_row(env, op="topk_routing", provider=n, T=T, experts=E, active=E, k=k, distribution="randn")
@@ -704,7 +703,8 @@ def targets(rows: list[dict]) -> list[dict]:
 
     def find(op, provider, **kw):
         for r in rows:
-            if r["op"] == op and r["provider"] == provider and r["p50_ms"] and all(r[k] == str(v) for k, v in kw.items()):
+            if r["op"] == op and r["provider"] == provider and r["p50_ms"] and \
+                    all(r[k] == str(v) for k, v in kw.items()):
                 return r
         return None
 
@@ -815,7 +815,6 @@ def run_tune(env: Env, out: Path, budget_s: float) -> list[dict]:
                            default_ms=f"{res.default_ms:.4f}", speedup=f"{res.default_ms / res.best_ms:.2f}",
                            tried=len(res.tried), failed=" | ".join(failed)[:500], device=device))
         print(f"tune: {res.key}: {res.best.short()} {res.best_ms:.4f} ms (default {res.default_ms:.4f} ms)")
-        del d
     versions = dict(env.versions, written=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = configs.write_table(out / "kernel_configs.json", entries, device, extra=versions, merge=False)
     print(f"tune: {len(entries)} entries -> {path}")

@@ -82,7 +82,8 @@ def plan(dtype: torch.dtype, n_out: int, r_max: int, num_tokens: int, top_k: int
 
 
 def lora_decode_expand(part: torch.Tensor, lora_b: torch.Tensor, slice_offsets: torch.Tensor, ids: torch.Tensor,
-                       weights: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                       weights: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
     """Add the experts' outputs into y in place (see the module docstring); rows whose ids are all -1 untouched.
 
     part: [split, S, M, R] fp32 from ``lora_decode_shrink``; lora_b: [E, N, R] dtype of y, contiguous;

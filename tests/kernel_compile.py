@@ -153,7 +153,8 @@ def compile_launch(fn, args: tuple, kwargs: dict, arch: int) -> dict:
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
     out = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = out.asm["ptx"]
-    return dict(shared=out.metadata.shared, mma=ptx.count("mma.sync") + ptx.count("wgmma."), constexprs={n: values[n] for n in names if n in const_names}, **options)
+    return dict(shared=out.metadata.shared, mma=ptx.count("mma.sync") + ptx.count("wgmma."),
+                constexprs={n: values[n] for n in names if n in const_names}, **options)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from lumoe_engine.kernels import configs
-from lumoe_engine.kernels import lora_decode_expand as decode_expand
 from lumoe_engine.kernels import lora_decode_shrink as decode_shrink
 from lumoe_engine.kernels import lora_grad as grad_module
 from lumoe_engine.kernels import lora_shrink as shrink_module
