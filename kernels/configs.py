@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import triton
 
 logger = logging.getLogger("lumoe_engine.kernels")
 
@@ -55,6 +54,18 @@ SAFE_SMEM_BYTES = 48 * 1024
 
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
+
+
+# Host-side helpers for the launchers: ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr functions that cost
+# ~2.5 us per host call (triton 3.9, measured here), a launch makes several, and a decode launch has a few us to
+# spend in all.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,7 @@ class KernelConfig:
 # ---------------------------------------------------------------------------------------------------------- keys
 def rows_bucket(rows: int) -> int:
     """M = T*k rounded up to a power of two, in [1, 16384]."""
-    return min(MAX_ROWS_BUCKET, triton.next_power_of_2(max(1, int(rows))))
+    return min(MAX_ROWS_BUCKET, next_pow2(max(1, int(rows))))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,7 +140,7 @@ def parse_key(key: str) -> tuple[str, str, int, int, int]:
 
 def block_r(rank: int) -> int:
     """The rank tile: the whole (padded) rank up to 64, at least 16 (a dot dimension)."""
-    return min(MAX_BLOCK_R, max(MIN_DOT, triton.next_power_of_2(max(1, int(rank)))))
+    return min(MAX_BLOCK_R, max(MIN_DOT, next_pow2(max(1, int(rank)))))
 
 
 # ---------------------------------------------------------------------------------------------------------- defaults
@@ -154,7 +165,7 @@ def default_config(op: str, dtype: torch.dtype | str, hidden: int, rank: int, ro
     m = rows_bucket(rows)
     if op == "lora_shrink":
         block_k = 128 if el == 2 else 64          # tiles per stage: 16 x bk + bk x 64, 20 KB (bf16) / 24 KB (fp32)
-        blocks = triton.cdiv(m, 16)
+        blocks = cdiv(m, 16)
         split = max(1, min(8, _prev_pow2(max(1, 128 // blocks)), max(1, hidden // (4 * block_k))))
         return KernelConfig(block_m=16, block_k=block_k, split_k=split if blocks < 128 else 1)
     if op == "lora_expand":
@@ -162,7 +173,7 @@ def default_config(op: str, dtype: torch.dtype | str, hidden: int, rank: int, ro
         return KernelConfig(block_m=16, block_n=block_n)
     if op == "lora_decode_shrink":
         block_k = max(64, min(512, 4096 // br))   # a [br, bk] fp32 tile of 4,096 elements (32 registers/thread)
-        steps = triton.cdiv(hidden, block_k)
+        steps = cdiv(hidden, block_k)
         return KernelConfig(block_k=block_k, split_k=max(1, min(16 if m <= 64 else 4, steps)))
     if op == "lora_decode_expand":
         return KernelConfig(block_n=max(32, min(256, 4096 // br)))
@@ -219,6 +230,7 @@ _lock = threading.Lock()
 _table: dict | None = None
 _table_path: str | None = None
 _overrides: dict[str, KernelConfig] = {}
+_memo: dict[tuple, tuple[KernelConfig, str]] = {}
 _force_dot16 = False
 
 
@@ -299,6 +311,7 @@ def reset_configs() -> None:
     global _table, _table_path
     with _lock:
         _table, _table_path = None, None
+        _memo.clear()
 
 
 def table_path() -> str | None:
@@ -309,20 +322,28 @@ def table_path() -> str | None:
 
 def lookup(op: str, dtype: torch.dtype, hidden: int, rank: int, rows: int) -> tuple[KernelConfig, str]:
     """(config, source) for a launch; source is ``override``, ``table``, ``table~`` (nearest rows bucket) or
-    ``default``."""
-    if op in _overrides:
+    ``default``. Memoised per key (a launch pays one dict lookup; ``reset_configs`` clears it)."""
+    if _overrides and op in _overrides:
         return _overrides[op], "override"
+    memo_key = (op, dtype, hidden, rank, rows_bucket(rows))
+    hit = _memo.get(memo_key)
+    if hit is not None:
+        return hit
     key = config_key(op, dtype, hidden, rank, rows)
     table = _load()
+    found = None
     if key in table:
-        return table[key], "table"
-    if table:
+        found = table[key], "table"
+    elif table:
         op_, dt, h, r, m = parse_key(key)
         near = [(abs(pm.bit_length() - m.bit_length()), -pm, k) for k in table
                 for (po, pd, ph, pr, pm) in [parse_key(k)] if (po, pd, ph, pr) == (op_, dt, h, r)]
         if near:
-            return table[min(near)[2]], "table~"
-    return default_config(op, dtype, hidden, rank, rows), "default"
+            found = table[min(near)[2]], "table~"
+    if found is None:
+        found = default_config(op, dtype, hidden, rank, rows), "default"
+    _memo[memo_key] = found
+    return found
 
 
 def get_config(op: str, dtype: torch.dtype, hidden: int, rank: int, rows: int) -> KernelConfig:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
 from lumoe_engine.kernels.configs import KernelConfig
 from lumoe_engine.kernels.lora_decode_shrink import decode_block_r
 
@@ -66,7 +67,7 @@ def _lora_decode_expand_kernel(
     tl.store(dst, (old + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DecodeExpandPlan:
     cfg: KernelConfig
     source: str
@@ -77,7 +78,7 @@ class DecodeExpandPlan:
 
 def plan(dtype: torch.dtype, n_out: int, r_max: int, num_tokens: int, top_k: int, s_count: int) -> DecodeExpandPlan:
     cfg, source = configs.lookup("lora_decode_expand", dtype, n_out, r_max, num_tokens * top_k)
-    return DecodeExpandPlan(cfg, source, (num_tokens, s_count, triton.cdiv(n_out, cfg.block_n)), cfg.block_n,
+    return DecodeExpandPlan(cfg, source, (num_tokens, s_count, cdiv(n_out, cfg.block_n)), cfg.block_n,
                             decode_block_r(r_max))
 
 

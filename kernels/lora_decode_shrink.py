@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv, next_pow2
 from lumoe_engine.kernels.configs import KernelConfig
 
 
@@ -54,7 +55,7 @@ def _lora_decode_shrink_kernel(
     tl.store(dst, u, mask=r_ok)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DecodeShrinkPlan:
     cfg: KernelConfig
     source: str
@@ -67,15 +68,15 @@ class DecodeShrinkPlan:
 
 def decode_block_r(r_max: int) -> int:
     """The whole rank in one block (no tl.dot here, but at least 16 lanes)."""
-    return max(16, triton.next_power_of_2(max(1, r_max)))
+    return max(16, next_pow2(max(1, r_max)))
 
 
 def plan(dtype: torch.dtype, h_in: int, r_max: int, m_rows: int, s_count: int) -> DecodeShrinkPlan:
     cfg, source = configs.lookup("lora_decode_shrink", dtype, h_in, r_max, m_rows)
     bk = cfg.block_k
-    split = max(1, min(cfg.split_k, triton.cdiv(h_in, bk)))
-    k_per_split = triton.cdiv(triton.cdiv(h_in, split), bk) * bk
-    split = triton.cdiv(h_in, k_per_split)             # no empty split: every partial of a routed row is written
+    split = max(1, min(cfg.split_k, cdiv(h_in, bk)))
+    k_per_split = cdiv(cdiv(h_in, split), bk) * bk
+    split = cdiv(h_in, k_per_split)             # no empty split: every partial of a routed row is written
     return DecodeShrinkPlan(cfg, source, (m_rows, s_count, split), decode_block_r(r_max), bk, split, k_per_split)
 
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
 from lumoe_engine.kernels.configs import KernelConfig
 from lumoe_engine.kernels.mma import load_tile, mma
 from lumoe_engine.ops.meta import RoutingMeta
@@ -73,7 +74,7 @@ def _lora_expand_kernel(
         tl.store(dst, acc, mask=mask)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ExpandPlan:
     """Everything a launch decides, from shapes and the config alone (tests read it without launching)."""
 
@@ -97,7 +98,7 @@ def plan(dtype: torch.dtype, on_gpu: bool, n_out: int, r_max: int, m_rows: int, 
     block_m = min(cfg.block_m, meta_block_m)
     sub = meta_block_m // block_m
     dot16, tf32 = configs.dot_flags(dtype, on_gpu)
-    grid = (n_blocks * sub, triton.cdiv(n_out, cfg.block_n), s_count)
+    grid = (n_blocks * sub, cdiv(n_out, cfg.block_n), s_count)
     return ExpandPlan(cfg, source, grid, block_m, cfg.block_n, configs.block_r(r_max), sub, dot16, tf32)
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
 from lumoe_engine.kernels.configs import KernelConfig
 from lumoe_engine.kernels.mma import mma
 from lumoe_engine.ops.meta import RoutingMeta
@@ -118,7 +119,7 @@ def _lora_grad_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GradPlan:
     """Everything one of the two launches decides, from shapes and the config alone."""
 
@@ -142,14 +143,14 @@ def plan(which: str, dtype: torch.dtype, on_gpu: bool, h_in: int, n_out: int, r_
     cfg, source = configs.lookup(op, dtype, hidden, r_max, m_rows)
     br = configs.block_r(r_max)
     if which == "a":
-        block_i, block_j, n_i = br, cfg.block_n, triton.cdiv(r_max, br)
-        grid_ij = (s_count * n_i, triton.cdiv(h_in, cfg.block_n))
+        block_i, block_j, n_i = br, cfg.block_n, cdiv(r_max, br)
+        grid_ij = (s_count * n_i, cdiv(h_in, cfg.block_n))
         elems = s_count * e_count * r_max * h_in
     else:
-        block_i, block_j, n_i = cfg.block_n, br, triton.cdiv(n_out, cfg.block_n)
-        grid_ij = (s_count * n_i, triton.cdiv(r_max, br))
+        block_i, block_j, n_i = cfg.block_n, br, cdiv(n_out, cfg.block_n)
+        grid_ij = (s_count * n_i, cdiv(r_max, br))
         elems = e_count * n_out * r_max
-    per_expert = triton.cdiv(max(m_rows, 1), e_count)
+    per_expert = cdiv(max(m_rows, 1), e_count)
     split = max(1, min(cfg.split_k, per_expert // ROWS_PER_SPLIT, MAX_PARTIAL_ELEMS // max(1, elems)))
     dot16, tf32 = configs.dot_flags(dtype, on_gpu)
     return GradPlan(cfg, source, (e_count * split, *grid_ij), cfg.block_k, block_i, block_j, n_i, split, dot16, tf32)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
 from lumoe_engine.kernels.configs import KernelConfig
 from lumoe_engine.kernels.mma import load_tile, mma
 from lumoe_engine.ops.meta import RoutingMeta
@@ -71,7 +72,7 @@ def _lora_shrink_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & (offs_r[None, :] < R))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShrinkPlan:
     """Everything a launch decides, from shapes and the config alone (tests read it without launching)."""
 
@@ -97,12 +98,12 @@ def plan(dtype: torch.dtype, on_gpu: bool, h_in: int, r_max: int, m_rows: int, s
     block_m = min(cfg.block_m, meta_block_m)          # a row tile never mixes two experts' blocks
     br = configs.block_r(r_max)
     bk = cfg.block_k
-    split = max(1, min(cfg.split_k, triton.cdiv(h_in, bk)))
-    k_per_split = triton.cdiv(triton.cdiv(h_in, split), bk) * bk
-    split = triton.cdiv(h_in, k_per_split)             # no empty split
+    split = max(1, min(cfg.split_k, cdiv(h_in, bk)))
+    k_per_split = cdiv(cdiv(h_in, split), bk) * bk
+    split = cdiv(h_in, k_per_split)             # no empty split
     sub = meta_block_m // block_m
     dot16, tf32 = configs.dot_flags(dtype, on_gpu)
-    grid = (n_blocks * sub, triton.cdiv(r_max, br) * split, s_count)
+    grid = (n_blocks * sub, cdiv(r_max, br) * split, s_count)
     return ShrinkPlan(cfg, source, grid, block_m, br, bk, sub, split, k_per_split, dot16, tf32)
 
 
