@@ -815,6 +815,7 @@ def run_tune(env: Env, out: Path, budget_s: float) -> list[dict]:
                            default_ms=f"{res.default_ms:.4f}", speedup=f"{res.default_ms / res.best_ms:.2f}",
                            tried=len(res.tried), failed=" | ".join(failed)[:500], device=device))
         print(f"tune: {res.key}: {res.best.short()} {res.best_ms:.4f} ms (default {res.default_ms:.4f} ms)")
+        configs.write_table(out / "kernel_configs.json", entries, device, extra=dict(env.versions), merge=False)
     versions = dict(env.versions, written=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = configs.write_table(out / "kernel_configs.json", entries, device, extra=versions, merge=False)
     print(f"tune: {len(entries)} entries -> {path}")

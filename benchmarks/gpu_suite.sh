@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one go (a CUDA machine, no network, lumoe-engine not installed), under 8 minutes (each step has
-# its own limit: pip 60 s, tests 150 s, tune 60 s of sweeping (90 s hard), benchmarks 170 s of shapes (210 s hard)):
+# its own limit: pip 60 s, tests 165 s, tune 60 s of sweeping (80 s hard), benchmarks 150 s of shapes (190 s hard)):
 #   1. make `lumoe_engine` (with kernels/ as lumoe_engine.kernels) importable: pip install -e . without deps, else a
 #      staged copy of the package on PYTHONPATH;
 #   2. pytest -m gpu over the kernel tests (compiled Triton, bf16 tensor-core dots, other launch configs);
@@ -128,7 +128,7 @@ elif "$PY" -c "import pytest" >/dev/null 2>&1; then
     PYTEST_RC="missing"
   else
     say "pytest -m gpu ${TESTS[*]}"
-    timeout -k 10 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs "${TESTS[@]}" 2>&1 |
+    timeout -k 10 165 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs "${TESTS[@]}" 2>&1 |
       tee "$OUT_DIR/pytest_gpu.log" | tail -n 40
     PYTEST_RC=${PIPESTATUS[0]}
     say "pytest exit code $PYTEST_RC (124 = timed out)"
@@ -141,7 +141,7 @@ fi
 TUNE_RC="skipped"
 if [ "$SKIP_TUNE" = 0 ]; then
   say "bench_kernels --tune ${BENCH_ARGS[*]+${BENCH_ARGS[*]}}"
-  timeout -k 10 90 "$PY" benchmarks/bench_kernels.py --device cuda --tune --budget-s 60 --out "$OUT_DIR" \
+  timeout -k 10 80 "$PY" benchmarks/bench_kernels.py --device cuda --tune --budget-s 60 --out "$OUT_DIR" \
     ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$OUT_DIR/tune.log" | tail -n 14
   TUNE_RC=${PIPESTATUS[0]}
   say "tune exit code $TUNE_RC (124 = timed out: the defaults stay)"
@@ -152,7 +152,7 @@ fi
 
 # ------------------------------------------------------------------------------------------------ 4. benchmarks
 say "bench_kernels --device cuda ${BENCH_ARGS[*]+${BENCH_ARGS[*]}} (configs: ${LUMOE_KERNEL_CONFIGS:-defaults})"
-timeout -k 10 210 "$PY" benchmarks/bench_kernels.py --device cuda --budget-s 170 --out "$OUT_DIR" \
+timeout -k 10 190 "$PY" benchmarks/bench_kernels.py --device cuda --budget-s 150 --out "$OUT_DIR" \
   ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$OUT_DIR/bench.log" | tail -n 3
 BENCH_RC=${PIPESTATUS[0]}
 say "bench exit code $BENCH_RC (124 = timed out; rows measured so far are in kernels.csv)"
