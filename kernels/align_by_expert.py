@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lumoe_engine.kernels.configs import cdiv, next_pow2
+
 from lumoe_engine.ops.meta import RoutingMeta, padded_length
 
 MAX_TILE = 512  # rows per tile; scratch is cdiv(M, tile) * E int32 (M = 100k, E = 4,096: 3.2 MB)
@@ -174,15 +176,15 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> Routin
     offsets = torch.empty(E + 1, dtype=i32, device=dev)
     inverse = torch.empty(M, dtype=i32, device=dev)
 
-    tile = min(MAX_TILE, max(SUB, triton.next_power_of_2(max(M, 1))))
-    num_tiles = triton.cdiv(M, tile)
+    tile = min(MAX_TILE, max(SUB, next_pow2(max(M, 1))))
+    num_tiles = cdiv(M, tile)
     tile_counts = torch.zeros(max(num_tiles, 1) * E, dtype=i32, device=dev)
     if num_tiles:
         _align_count_kernel[(num_tiles,)](ids, tile_counts, M, E, TILE=tile)
-    _align_tile_scan_kernel[(triton.cdiv(E, BLOCK_EXPERTS),)](
+    _align_tile_scan_kernel[(cdiv(E, BLOCK_EXPERTS),)](
         tile_counts, counts, num_tiles, E, BLOCK_TILES=BLOCK_TILES, BLOCK_EXPERTS=BLOCK_EXPERTS)
-    _align_offsets_kernel[(1,)](counts, offsets, E, block_m, BLOCK=min(BLOCK_SCAN, max(16, triton.next_power_of_2(E))))
-    _align_pad_kernel[(triton.cdiv(P, BLOCK_P),)](
+    _align_offsets_kernel[(1,)](counts, offsets, E, block_m, BLOCK=min(BLOCK_SCAN, max(16, next_pow2(E))))
+    _align_pad_kernel[(cdiv(P, BLOCK_P),)](
         offsets, counts, sorted_ids, block_expert, P, M, E, block_m, E.bit_length() + 1, BLOCK_P=BLOCK_P)
     if num_tiles:
         _align_scatter_kernel[(num_tiles,)](ids, tile_counts, offsets, sorted_ids, inverse, M, E, TILE=tile, SUB=SUB)

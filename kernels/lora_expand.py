@@ -1,21 +1,26 @@
 """Grouped LoRA expand: ``y[t, n_s] += sum_j w[t, j] * scales[e] * buf[s, t*k+j, :r_e] @ lora_b[e, n_s, :r_e].T``.
 
+One program per (row tile, N block, slice): a row tile is ``BLOCK_M`` rows of one block of ``meta.block_m`` rows
+(one expert); the rank is walked in blocks of the whole padded rank up to 64. On a GPU, fp16/bf16 B tiles go into
+``tl.dot`` as they are and the fp32 ``buf`` tile is rounded to that dtype (fp32 accumulation, as vLLM and Punica
+do); see ``configs.dot_flags``. Block sizes, warps and stages come from the table (``configs``).
+
 Legend: T tokens (rows of y), E experts, k top-k, M = T*k routed rows (flat index m = t*k + j), S slices,
 N output features of all slices together, R max rank, P padded grouped length.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
+from lumoe_engine.kernels.configs import KernelConfig
+from lumoe_engine.kernels.mma import load_tile, mma
 from lumoe_engine.ops.meta import RoutingMeta
-
-# NOTE: BLOCK_N = 64 and a rank block of the whole rank up to MAX_BLOCK_R = 64 are starting points (tl.dot needs
-# >= 16; the reduction dim is the small LoRA rank); not measured yet, to be swept on a GPU (H100) with the
-# benchmarks. The row block is meta.block_m (rounded up to a power of two, at least 16): one expert per tile.
-BLOCK_N = 64
-MAX_BLOCK_R = 64
 
 
 @triton.jit
@@ -24,12 +29,14 @@ def _lora_expand_kernel(
     sorted_ids_ptr, block_expert_ptr, ranks_ptr, weights_ptr, scales_ptr, slice_offsets_ptr,
     M, ROWS_PER_BLOCK,
     stride_buf_slice, stride_buf_row, stride_b_expert, stride_b_row, stride_dst_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ADD_INTO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SUB_BLOCKS: tl.constexpr,
+    ADD_INTO: tl.constexpr, DOT16: tl.constexpr, TF32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     s = tl.program_id(2)
-    e = tl.load(block_expert_ptr + pid_m)
+    block = pid_m // SUB_BLOCKS
+    e = tl.load(block_expert_ptr + block)
     if e < 0:
         return
     n_lo = tl.load(slice_offsets_ptr + s)
@@ -38,9 +45,9 @@ def _lora_expand_kernel(
     if n0 >= n_hi:                        # the grid covers N; this slice is narrower
         return
     rank = tl.load(ranks_ptr + e)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = (pid_m % SUB_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < ROWS_PER_BLOCK
-    m = tl.load(sorted_ids_ptr + pid_m * ROWS_PER_BLOCK + offs_m, mask=row_ok, other=M)
+    m = tl.load(sorted_ids_ptr + block * ROWS_PER_BLOCK + offs_m, mask=row_ok, other=M)
     row_ok = row_ok & (m < M)             # sentinel M marks padding
     m64 = m.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -51,10 +58,11 @@ def _lora_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
-        u = tl.load(buf_rows + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)    # [BLOCK_M, BLOCK_R]
-        bt = tl.load(b_base + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)                                                     # [BLOCK_R, BLOCK_N]
-        acc = tl.dot(u, bt, acc, input_precision="ieee")
+        u = tl.load(buf_rows + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+        bt = load_tile(b_base + offs_r[:, None], r_ok[:, None] & n_ok[None, :], DOT16)           # [BLOCK_R, BLOCK_N]
+        if DOT16:
+            u = u.to(b_ptr.dtype.element_ty)
+        acc = mma(u, bt, acc, DOT16, TF32)
     coef = tl.load(weights_ptr + m64, mask=row_ok, other=0.0) * tl.load(scales_ptr + e)
     acc = acc * coef[:, None]
     dst = dst_ptr + m64[:, None] * stride_dst_row + offs_n[None, :]
@@ -66,8 +74,32 @@ def _lora_expand_kernel(
         tl.store(dst, acc, mask=mask)
 
 
-def _pow2_block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+@dataclass(slots=True)
+class ExpandPlan:
+    """Everything a launch decides, from shapes and the config alone (tests read it without launching)."""
+
+    cfg: KernelConfig
+    source: str
+    grid: tuple
+    block_m: int
+    block_n: int
+    block_r: int
+    sub_blocks: int
+    dot16: bool
+    tf32: bool
+
+
+def plan(dtype: torch.dtype, on_gpu: bool, n_out: int, r_max: int, m_rows: int, s_count: int, n_blocks: int,
+         meta_block_m: int) -> ExpandPlan:
+    """The launch of ``lora_expand`` for these shapes (``on_gpu``: compiled for a GPU, not interpreted)."""
+    assert meta_block_m >= 16 and meta_block_m & (meta_block_m - 1) == 0, \
+        f"meta.block_m={meta_block_m}: expected a power of two >= 16 (build the metadata with build_routing)"
+    cfg, source = configs.lookup("lora_expand", dtype, n_out, r_max, m_rows)
+    block_m = min(cfg.block_m, meta_block_m)
+    sub = meta_block_m // block_m
+    dot16, tf32 = configs.dot_flags(dtype, on_gpu)
+    grid = (n_blocks * sub, cdiv(n_out, cfg.block_n), s_count)
+    return ExpandPlan(cfg, source, grid, block_m, cfg.block_n, configs.block_r(r_max), sub, dot16, tf32)
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -94,16 +126,16 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, slice_offsets: torch.Te
     n_blocks = meta.block_expert.numel()
     if m_rows == 0 or n_blocks == 0 or n_out == 0:
         return y
+    p = plan(lora_b.dtype, configs.compiled(y), n_out, r_max, m_rows, s_count, n_blocks, meta.block_m)
     add_into = top_k == 1
     dst = y if add_into else torch.zeros(m_rows, n_out, dtype=torch.float32, device=y.device)   # [M, N]
-    grid = (n_blocks, triton.cdiv(n_out, BLOCK_N), s_count)
-    _lora_expand_kernel[grid](
+    _lora_expand_kernel[p.grid](
         buf, lora_b, dst,
         meta.sorted_ids, meta.block_expert, ranks, weights, scales, slice_offsets,
         m_rows, meta.block_m,
         buf.stride(0), buf.stride(1), lora_b.stride(0), lora_b.stride(1), dst.stride(0),
-        BLOCK_M=_pow2_block(meta.block_m), BLOCK_N=BLOCK_N, BLOCK_R=min(_pow2_block(r_max), MAX_BLOCK_R),
-        ADD_INTO=add_into,
+        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=p.block_r, SUB_BLOCKS=p.sub_blocks,
+        ADD_INTO=add_into, DOT16=p.dot16, TF32=p.tf32, **configs.launch_options(p.cfg),
     )
     if not add_into:
         part = dst.view(num_tokens, top_k, n_out)

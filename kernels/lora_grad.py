@@ -5,43 +5,60 @@
 
 One kernel computes both as a segmented outer product
 ``out[s, e, i, j] = sum_m c_m * P[s, row(m), i] * Q[s, row(m), j]`` (row(m) = m or the token m // k), rank-masked
-on i or j. Deterministic: each output tile is owned by one program, which walks its expert's rows in order.
+on i or j. An expert's rows are split over up to ``split_k`` programs (``configs``; at least ``ROWS_PER_SPLIT`` rows
+each on average), so that a long segment (T = 4096 rows of one expert) runs on many programs; each program writes
+its own fp32 partial tile and the partials are added in a fixed order afterwards (deterministic, no float atomics).
+On a GPU, fp16/bf16 operands go into ``tl.dot`` as they are (fp32 accumulation; the fp32 operand - buf_dy scaled
+by c_m, or buf_x - is rounded to that dtype); see ``configs.dot_flags``.
 
 Legend: T tokens, E experts, k top-k, M = T*k routed rows (flat index m = t*k + j), S slices, H input features,
 N output features of all slices together, R max rank.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from lumoe_engine.kernels import configs
+from lumoe_engine.kernels.configs import cdiv
+from lumoe_engine.kernels.configs import KernelConfig
+from lumoe_engine.kernels.mma import mma
 from lumoe_engine.ops.meta import RoutingMeta
 
-# NOTE: BLOCK_ROWS = 32 rows of an expert's segment per step, 64-wide H / N tiles, the rank block the whole rank up
-# to 64: starting points (tl.dot needs >= 16), not measured yet; to be swept on a GPU (H100) with the benchmarks.
-BLOCK_ROWS = 32
-BLOCK_WIDE = 64
-MAX_BLOCK_R = 64
+# NOTE: at least 256 rows per split on average (rows / experts), and partial sums of at most 2^26 fp32 elements
+# (256 MiB): by counting, the memset + reduction of the partials then costs at most ~1/8 of reading the rows
+# (256 rows x H vs R x H per split). Not measured on a GPU yet.
+ROWS_PER_SPLIT = 256
+MAX_PARTIAL_ELEMS = 1 << 26
 
 
 @triton.jit
 def _lora_grad_kernel(
     p_ptr, q_ptr, out_ptr,
-    sorted_ids_ptr, offsets_ptr, ranks_ptr, weights_ptr, scales_ptr, slice_offsets_ptr,
-    M, TOP_K, I_SIZE, J_SIZE, N_I_BLOCKS,
+    sorted_ids_ptr, offsets_ptr, counts_ptr, ranks_ptr, weights_ptr, scales_ptr, slice_offsets_ptr,
+    M, TOP_K, I_SIZE, J_SIZE, N_I_BLOCKS, SPLIT,
     stride_p_slice, stride_p_row, stride_q_slice, stride_q_row,
-    stride_o_slice, stride_o_expert, stride_o_i,
+    stride_o_split, stride_o_slice, stride_o_expert, stride_o_i,
     P_BY_TOKEN: tl.constexpr, Q_BY_TOKEN: tl.constexpr, SLICED_I: tl.constexpr, RANK_ON_I: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    LOW_IS_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    DOT16: tl.constexpr, TF32: tl.constexpr,
 ):
-    e = tl.program_id(0)
+    e = tl.program_id(0) // SPLIT
+    split = tl.program_id(0) % SPLIT
     s = tl.program_id(1) // N_I_BLOCKS
     pid_i = tl.program_id(1) % N_I_BLOCKS
     pid_j = tl.program_id(2)
+    count = tl.load(counts_ptr + e)
+    if count == 0:                        # expert without rows: its gradient stays 0 (zeroed by the launcher)
+        return
     start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
-    if start >= end:                      # expert without rows: its gradient stays 0 (zeroed by the launcher)
+    chunk = tl.cdiv(tl.cdiv(count, SPLIT), BLOCK_M) * BLOCK_M
+    lo = start + split * chunk
+    hi = tl.minimum(start + count, lo + chunk)
+    if lo >= hi:                          # fewer rows than splits: this partial stays 0
         return
     rank = tl.load(ranks_ptr + e)
     if SLICED_I:                          # i runs over slice s of N: columns slice_offsets[s]:slice_offsets[s+1]
@@ -70,11 +87,11 @@ def _lora_grad_kernel(
     p_base = p_ptr + s.to(tl.int64) * stride_p_slice + (i_lo + offs_i)[None, :]
     q_base = q_ptr + s.to(tl.int64) * stride_q_slice + offs_j[None, :]
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(lo, hi, BLOCK_M):
         offs_m = r0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < end
+        row_ok = offs_m < hi
         m = tl.load(sorted_ids_ptr + offs_m, mask=row_ok, other=M)
-        row_ok = row_ok & (m < M)         # sentinel M marks padding
+        row_ok = row_ok & (m < M)
         m64 = m.to(tl.int64)
         if P_BY_TOKEN:
             p_row = m64 // TOP_K
@@ -88,15 +105,55 @@ def _lora_grad_kernel(
         p = tl.load(p_base + p_row[:, None] * stride_p_row, mask=row_ok[:, None] & i_ok[None, :],
                     other=0.0).to(tl.float32)                                                       # [BLOCK_M, BLOCK_I]
         q = tl.load(q_base + q_row[:, None] * stride_q_row, mask=row_ok[:, None] & j_ok[None, :],
-                    other=0.0).to(tl.float32)                                                       # [BLOCK_M, BLOCK_J]
-        acc = tl.dot(tl.trans(p * coef[:, None]), q, acc, input_precision="ieee")
-    out = (out_ptr + s.to(tl.int64) * stride_o_slice + e.to(tl.int64) * stride_o_expert
-           + (i_lo + offs_i)[:, None].to(tl.int64) * stride_o_i + offs_j[None, :])
+                    other=0.0)                                                                      # [BLOCK_M, BLOCK_J]
+        pc = p * coef[:, None]
+        if DOT16:                         # both operands in the 16-bit dtype of x / dy
+            if LOW_IS_P:
+                acc = mma(tl.trans(pc.to(p_ptr.dtype.element_ty)), q.to(p_ptr.dtype.element_ty), acc, DOT16, TF32)
+            else:
+                acc = mma(tl.trans(pc.to(q_ptr.dtype.element_ty)), q, acc, DOT16, TF32)
+        else:
+            acc = mma(tl.trans(pc), q.to(tl.float32), acc, DOT16, TF32)
+    out = (out_ptr + split.to(tl.int64) * stride_o_split + s.to(tl.int64) * stride_o_slice
+           + e.to(tl.int64) * stride_o_expert + (i_lo + offs_i)[:, None].to(tl.int64) * stride_o_i + offs_j[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
-def _pow2_block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+@dataclass(slots=True)
+class GradPlan:
+    """Everything one of the two launches decides, from shapes and the config alone."""
+
+    cfg: KernelConfig
+    source: str
+    grid: tuple
+    block_m: int
+    block_i: int
+    block_j: int
+    n_i: int
+    split: int
+    dot16: bool
+    tf32: bool
+
+
+def plan(which: str, dtype: torch.dtype, on_gpu: bool, h_in: int, n_out: int, r_max: int, m_rows: int,
+         s_count: int, e_count: int) -> GradPlan:
+    """The launch of ``grad_a`` (``which="a"``: out [S, E, R, H]) or ``grad_b`` (``"b"``: out [E, N, R])."""
+    op = "lora_grad_a" if which == "a" else "lora_grad_b"
+    hidden = h_in if which == "a" else n_out
+    cfg, source = configs.lookup(op, dtype, hidden, r_max, m_rows)
+    br = configs.block_r(r_max)
+    if which == "a":
+        block_i, block_j, n_i = br, cfg.block_n, cdiv(r_max, br)
+        grid_ij = (s_count * n_i, cdiv(h_in, cfg.block_n))
+        elems = s_count * e_count * r_max * h_in
+    else:
+        block_i, block_j, n_i = cfg.block_n, br, cdiv(n_out, cfg.block_n)
+        grid_ij = (s_count * n_i, cdiv(r_max, br))
+        elems = e_count * n_out * r_max
+    per_expert = cdiv(max(m_rows, 1), e_count)
+    split = max(1, min(cfg.split_k, per_expert // ROWS_PER_SPLIT, MAX_PARTIAL_ELEMS // max(1, elems)))
+    dot16, tf32 = configs.dot_flags(dtype, on_gpu)
+    return GradPlan(cfg, source, (e_count * split, *grid_ij), cfg.block_k, block_i, block_j, n_i, split, dot16, tf32)
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -118,35 +175,45 @@ def lora_weight_grad(x: torch.Tensor, dy: torch.Tensor, buf_x: torch.Tensor, buf
     assert _rows_ok(x) and _rows_ok(dy) and buf_x.is_contiguous() and buf_dy.is_contiguous()
     assert slice_offsets.numel() == s_count + 1
     weights = meta.weights.contiguous()                              # [T, k] fp32, flat index m
-    block_r = min(_pow2_block(r_max), MAX_BLOCK_R)
-    common = dict(M=m_rows, TOP_K=meta.top_k, BLOCK_M=BLOCK_ROWS)
+    common = dict(M=m_rows, TOP_K=meta.top_k)
+    index = (meta.sorted_ids, meta.offsets, meta.counts, ranks, weights, scales, slice_offsets)
     grad_a = grad_b = None
     if need_a:
         grad_a = torch.zeros(s_count, e_count, r_max, h_in, dtype=x.dtype, device=x.device)     # [S, E, R, H]
-        n_i = triton.cdiv(r_max, block_r)
         if m_rows and h_in:
-            _lora_grad_kernel[(e_count, s_count * n_i, triton.cdiv(h_in, BLOCK_WIDE))](
-                buf_dy, x, grad_a,
-                meta.sorted_ids, meta.offsets, ranks, weights, scales, slice_offsets,
-                I_SIZE=r_max, J_SIZE=h_in, N_I_BLOCKS=n_i,
+            p = plan("a", x.dtype, configs.compiled(x), h_in, n_out, r_max, m_rows, s_count, e_count)
+            dst = grad_a if p.split == 1 else \
+                torch.zeros(p.split, *grad_a.shape, dtype=torch.float32, device=x.device)       # [split, S, E, R, H]
+            _lora_grad_kernel[p.grid](
+                buf_dy, x, dst, *index,
+                I_SIZE=r_max, J_SIZE=h_in, N_I_BLOCKS=p.n_i, SPLIT=p.split,
                 stride_p_slice=buf_dy.stride(0), stride_p_row=buf_dy.stride(1),
                 stride_q_slice=0, stride_q_row=x.stride(0),
-                stride_o_slice=grad_a.stride(0), stride_o_expert=grad_a.stride(1), stride_o_i=grad_a.stride(2),
-                P_BY_TOKEN=False, Q_BY_TOKEN=True, SLICED_I=False, RANK_ON_I=True,
-                BLOCK_I=block_r, BLOCK_J=BLOCK_WIDE, **common,
+                stride_o_split=dst.stride(0) if p.split > 1 else 0, stride_o_slice=dst.stride(-4),
+                stride_o_expert=dst.stride(-3), stride_o_i=dst.stride(-2),
+                P_BY_TOKEN=False, Q_BY_TOKEN=True, SLICED_I=False, RANK_ON_I=True, LOW_IS_P=False,
+                BLOCK_M=p.block_m, BLOCK_I=p.block_i, BLOCK_J=p.block_j, DOT16=p.dot16, TF32=p.tf32,
+                **common, **configs.launch_options(p.cfg),
             )
+            if p.split > 1:                                          # fixed order: deterministic
+                grad_a.copy_(dst.sum(dim=0))
     if need_b:
         grad_b = torch.zeros(e_count, n_out, r_max, dtype=dy.dtype, device=dy.device)           # [E, N, R]
-        n_i = triton.cdiv(n_out, BLOCK_WIDE)
         if m_rows and n_out:
-            _lora_grad_kernel[(e_count, s_count * n_i, triton.cdiv(r_max, block_r))](
-                dy, buf_x, grad_b,
-                meta.sorted_ids, meta.offsets, ranks, weights, scales, slice_offsets,
-                I_SIZE=n_out, J_SIZE=r_max, N_I_BLOCKS=n_i,
+            p = plan("b", dy.dtype, configs.compiled(dy), h_in, n_out, r_max, m_rows, s_count, e_count)
+            dst = grad_b if p.split == 1 else \
+                torch.zeros(p.split, *grad_b.shape, dtype=torch.float32, device=dy.device)      # [split, E, N, R]
+            _lora_grad_kernel[p.grid](
+                dy, buf_x, dst, *index,
+                I_SIZE=n_out, J_SIZE=r_max, N_I_BLOCKS=p.n_i, SPLIT=p.split,
                 stride_p_slice=0, stride_p_row=dy.stride(0),
                 stride_q_slice=buf_x.stride(0), stride_q_row=buf_x.stride(1),
-                stride_o_slice=0, stride_o_expert=grad_b.stride(0), stride_o_i=grad_b.stride(1),
-                P_BY_TOKEN=True, Q_BY_TOKEN=False, SLICED_I=True, RANK_ON_I=False,
-                BLOCK_I=BLOCK_WIDE, BLOCK_J=block_r, **common,
+                stride_o_split=dst.stride(0) if p.split > 1 else 0, stride_o_slice=0,
+                stride_o_expert=dst.stride(-3), stride_o_i=dst.stride(-2),
+                P_BY_TOKEN=True, Q_BY_TOKEN=False, SLICED_I=True, RANK_ON_I=False, LOW_IS_P=True,
+                BLOCK_M=p.block_m, BLOCK_I=p.block_i, BLOCK_J=p.block_j, DOT16=p.dot16, TF32=p.tf32,
+                **common, **configs.launch_options(p.cfg),
             )
+            if p.split > 1:
+                grad_b.copy_(dst.sum(dim=0))
     return grad_a, grad_b

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lumoe_engine.kernels.configs import next_pow2
+
 # NOTE: one block holds the gate's typical 1,000 experts (one chunk, one load); wider rows loop over chunks.
 # Not yet swept on a GPU.
 MAX_BLOCK_E = 1024
@@ -147,11 +149,11 @@ def topk_routing(logits: torch.Tensor, k: int, *, renormalize: bool = False, thr
     ids = torch.empty((T, k), dtype=torch.int32, device=logits.device)
     if T == 0:
         return weights, ids
-    block_e = min(triton.next_power_of_2(E), MAX_BLOCK_E)
+    block_e = min(next_pow2(E), MAX_BLOCK_E)
     _topk_routing_kernel[(T,)](
         logits, weights, ids, E, k, logits.stride(0), 0.0 if threshold is None else float(threshold),
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(k),
+        BLOCK_K=next_pow2(k),
         SINGLE_CHUNK=E <= block_e,
         SIGMOID=scoring == "sigmoid",
         HAS_THRESHOLD=threshold is not None,

@@ -44,7 +44,11 @@ def make(case: Case, dtype=torch.float32, seed: int = 0, device="cpu", signed_ze
     g = torch.Generator().manual_seed(seed)
     T, k, E = case.T, case.k, case.E
     pool = E - 1 if case.route in ("random", "minus1") else E
-    ids = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    draws = [torch.randperm(pool, generator=g)[:k] for _ in range(T)]
+    if case.route in ("one", "one_last"):        # fixed experts (the draws still advance the generator)
+        ids = torch.zeros(T, k, dtype=torch.int32)
+    else:
+        ids = torch.stack(draws).to(torch.int32)
     if case.route == "one":
         ids.fill_(1)
     if case.route == "one_last":

@@ -6,4 +6,4 @@ from lumoe_engine.ops.dispatch import backend_name, reset_backend  # noqa: F401
 from lumoe_engine.ops.meta import RoutingMeta, padded_length  # noqa: F401
 from lumoe_engine.ops.routing import align_by_expert, build_routing, topk_routing  # noqa: F401
 from lumoe_engine.ops.lora import lora_expand, lora_shrink, lora_shrink_expand, lora_weight_grad  # noqa: F401
-from lumoe_engine.ops.autograd import GroupedLoRAFunction, grouped_lora  # noqa: F401
+from lumoe_engine.ops.autograd import GroupedLoRAFunction, grouped_lora, single_expert_lora  # noqa: F401

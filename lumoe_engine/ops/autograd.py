@@ -8,6 +8,10 @@ Backward, with dy = d delta and c_m = w[m] * scales[e_m]:
 - ``dA``, ``dB``: the expert-segmented sums of ``lora_weight_grad`` (experts without rows get 0).
 No gradient for the routing weights, scales or ranks.
 
+One expert (E = 1, known from the shapes: training a new expert routes every row to it) takes a dense path instead
+(``single_expert_lora``): ``delta = ((x @ A^T) * c) @ B^T`` with plain matmuls (tensor cores, no gather, no
+metadata), differentiated by torch; the same values and gradients, without a host synchronisation for one slice.
+
 Legend: T tokens (rows of x), E experts, k top-k, M = T*k routed rows (flat index m = t*k + j), S slices,
 H input features, N output features of all slices together, R max rank.
 """
@@ -68,6 +72,32 @@ class GroupedLoRAFunction(torch.autograd.Function):
         return dx, grad_a, grad_b, None, None, None, None
 
 
+def single_expert_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slice_offsets: torch.Tensor,
+                       meta: RoutingMeta, scales: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``grouped_lora`` for E = 1, as dense matmuls: ``delta[:, n_s] = (where(routed, (x @ A_s^T) * mask_r * c)) @
+    B[n_s]^T`` with ``c[t] = scales[0] * sum_j w[t, j] [ids[t, j] = 0]`` and ``mask_r = r < ranks[0]``.
+
+    Matmuls in the dtype of x (fp32 accumulation inside torch's GEMMs); rows without the expert get exactly 0 and
+    no gradient. Every quantity stays on the device (no ``.item()``), except the column ranges of several slices
+    (``slice_offsets`` read once when S > 1). Shapes as in ``grouped_lora``.
+    """
+    s_count, _, r_max, _ = lora_a.shape                                                      # [S, 1, R, H]
+    n_out = lora_b.shape[1]                                                                  # [1, N, R]
+    routed = meta.ids == 0                                                                   # [T, k]
+    coef = torch.where(routed, meta.weights, torch.zeros((), device=x.device)).sum(dim=1) * scales[0]   # [T] fp32
+    keep = routed.any(dim=1)[:, None]                                                        # [T, 1]
+    col = (torch.arange(r_max, device=x.device) < ranks[0]).to(torch.float32)               # [R]
+    c = (coef[:, None] * col[None, :]).detach()                                              # [T, R] fp32
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    offs = [0, n_out] if s_count == 1 else [int(v) for v in slice_offsets.tolist()]
+    parts = []
+    for s in range(s_count):
+        u = x @ lora_a[s, 0].t()                                                             # [T, R]
+        v = torch.where(keep, (u.float() * c).to(x.dtype), zero)
+        parts.append(v @ lora_b[0, offs[s]:offs[s + 1]].t())                                 # [T, N_s]
+    return parts[0] if s_count == 1 else torch.cat(parts, dim=1)
+
+
 def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slice_offsets: torch.Tensor,
                  meta: RoutingMeta, scales: torch.Tensor, ranks: torch.Tensor, *,
                  validate: bool = True) -> torch.Tensor:
@@ -78,6 +108,7 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sl
     x: [T, H] fp32/fp16/bf16 (rows contiguous); lora_a: [S, E, R, H] dtype of x; lora_b: [E, N, R] dtype of x;
     slice_offsets: [S+1] int32 from 0 to N; meta: ``build_routing`` of T tokens; scales: [E] fp32;
     ranks: [E] int32 in [0, R]. Returns delta [T, N] dtype of x.
+    One expert (E = 1) runs as dense matmuls (``single_expert_lora``), several through the grouped kernels.
     """
     x = _lora._rows_2d(x, "x", "[T, H]")
     s_count, e_count, r_max = _lora._lora_a(lora_a, x)
@@ -90,4 +121,6 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sl
     _lora._per_expert(scales, "scales", e_count, torch.float32, x.device)
     _lora._per_expert(ranks, "ranks", e_count, torch.int32, x.device)
     _lora._values([_lora._rank_check(ranks, r_max), _lora._slice_check(slice_offsets, n_out)], validate)
+    if e_count == 1:
+        return single_expert_lora(x, lora_a, lora_b, slice_offsets, meta, scales, ranks)
     return GroupedLoRAFunction.apply(x, lora_a, lora_b, slice_offsets, meta, scales, ranks)
