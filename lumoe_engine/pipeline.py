@@ -217,11 +217,20 @@ class RequestPipeline:
         out(f"{rid}: expert already in the bank (an earlier run stopped after saving it): not trained again")
         return True
 
+    def train(self, request: Request, loss_cfg: Optional[LossConfig] = None, use_deepspeed: Optional[bool] = None):
+        """The training step alone: a NEW expert for ``request`` on the frozen base -> (Expert, stats). Request-
+        parallel training runs it on every rank for a different request, then hands each result to ``learn``
+        (``trained=``) on the writer, in ledger order. ``use_deepspeed``: as ``train_expert`` (False: this process
+        trains alone, whatever launched it)."""
+        model, processor, ctx = self.engine.model, self.engine.processor, self.engine.ctx
+        return train_expert(model, processor, ctx, request, loss_cfg or self.loss_cfg, self.train_cfg,
+                            method=self.method, use_deepspeed=use_deepspeed)
+
     # -------------------------------------------------------------------------------------------------- learn
     def learn(self, request: Request, *, learned: Sequence[Request], retain_sources: Sequence[Request],
               loss_cfg: Optional[LossConfig] = None, content_hash: Optional[str] = None,
               validate: Optional[Callable[[Request], None]] = None, fail_info: Optional[dict] = None,
-              out: Callable[[str], None] = lambda msg: None) -> LearnResult:
+              out: Callable[[str], None] = lambda msg: None, trained=None) -> LearnResult:
         """Take ``request`` from the ledger to a gated expert (module docstring); returns a ``LearnResult`` (with
         ``error`` set when the request failed; nothing of it is left in bank or gate then).
 
@@ -229,7 +238,9 @@ class RequestPipeline:
         retain_sources: the requests whose retain queries are the head's negatives; loss_cfg: this request's loss
         (default the pipeline's); content_hash: the request's content hash (stored in the expert's metadata; an
         expert of other content under the same id is replaced); validate: a check run once the request is
-        "training" (raise RequestError to refuse it); fail_info: extra ledger info of a failure; out: progress lines.
+        "training" (raise RequestError to refuse it); fail_info: extra ledger info of a failure; out: progress lines;
+        trained: the result of ``train`` for this request when another process trained it (request-parallel: an
+        (Expert, stats) pair, or the exception its training raised, which fails the request here as if raised now).
         """
         rid = request.id
         res = LearnResult(rid)
@@ -247,8 +258,9 @@ class RequestPipeline:
                     if led is not None:
                         res.train_seconds = latest_info(led, rid, "expert_saved").get("train_seconds")
             else:
-                expert, stats = train_expert(model, processor, ctx, request, loss_cfg or self.loss_cfg,
-                                             self.train_cfg, method=self.method)
+                if isinstance(trained, BaseException):
+                    raise trained
+                expert, stats = trained if trained is not None else self.train(request, loss_cfg)
                 res.trained, res.train_seconds, res.steps = True, stats["seconds"], stats["steps"]
                 res.loss = stats["final"]["loss"]
                 expert.metadata = {k: v for k, v in expert.metadata.items() if k not in EXPERT_TIMING_KEYS}

@@ -59,6 +59,10 @@ def _add_teach(sub) -> None:
     p.add_argument("--synthetic", default="default", help="synthetic preset when --data is not given")
     p.add_argument("--model", default=None, help="start from this HF LLaVA / LLaVA-NeXT directory")
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (with --model: measured, not taught)")
+    p.add_argument("--model-teaching", default="lora", choices=("lora", "none"),
+                   help="with --model: teach through one LoRA merged into the weights (default), or only measure")
+    p.add_argument("--allow-surrogate-images", action="store_true",
+                   help="--data: a missing image file becomes a surrogate picture (else an error naming the files)")
     p.add_argument("--preset", default="tiny", help="tiny LLaVA preset: micro | tiny | small")
     p.add_argument("--cache", default=None, help="cache folder (default $LUMOE_CACHE or ~/.cache/lumoe-engine)")
     p.add_argument("--target", type=float, default=None, help="target fact accuracy (default 0.95)")
@@ -75,7 +79,8 @@ def cmd_teach(args) -> dict:
     from lumoe_engine.model.teach import TeachConfig, teach
 
     config = TeachConfig(data=args.data, subset=args.subset, synthetic=args.synthetic, model=args.model,
-                         load_in_4bit=args.load_in_4bit, preset=args.preset)
+                         load_in_4bit=args.load_in_4bit, preset=args.preset, model_teaching=args.model_teaching,
+                         allow_surrogate_images=args.allow_surrogate_images)
     for name, attr in (("target_accuracy", "target"), ("time_budget_s", "time_budget"), ("max_steps", "max_steps"),
                        ("lr", "lr"), ("batch_size", "batch_size"), ("seed", "seed")):
         if getattr(args, attr) is not None:
@@ -110,7 +115,10 @@ def _add_stream(sub) -> None:
                                    "after every request, report and plots in --out.")
     add_stream_arguments(p)
     p.add_argument("--dry-run", action="store_true",
-                   help="build the --preset's real architecture on the meta device and print the memory plan")
+                   help="build the --preset's real architecture on the meta device and print the memory plan and "
+                        "the request-parallel throughput assumptions")
+    p.add_argument("--tokens-per-step", type=int, default=None,
+                   help="--dry-run: tokens of one training step as measured (benchmarks/real_shape.py)")
     p.set_defaults(func=cmd_stream)
 
 
@@ -128,8 +136,13 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--data", default=None, help="MLUBench-format root (default: the embedded synthetic benchmark)")
     g.add_argument("--subset", type=int, default=None, help="N entities per task split")
     g.add_argument("--synthetic", default=d.synthetic, help="synthetic preset: tiny | default | medium | large")
-    g.add_argument("--model", default=None, help="HF LLaVA / LLaVA-NeXT directory (default: the tiny LLaVA)")
-    g.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 base (LUMoE only: baselines merge)")
+    g.add_argument("--model", default=None, help="HF LLaVA / LLaVA-NeXT directory, used as it is (default: the "
+                                                     "tiny LLaVA, taught)")
+    g.add_argument("--load-in-4bit", action="store_true",
+                   help="4-bit NF4 base (the baselines keep their LoRAs active instead of merging them)")
+    g.add_argument("--allow-surrogate-images", action="store_true",
+                   help="--data: a missing image file becomes a surrogate picture, counted in the report (else an "
+                        "error naming the files)")
     g.add_argument("--preset", default=d.preset, help="tiny LLaVA preset: micro | tiny | small")
     g.add_argument("--cache", default=None, help="cache folder (default $LUMOE_CACHE or ~/.cache/lumoe-engine)")
     g.add_argument("--extra-eval", action="append", default=[], metavar="PATH",
@@ -159,6 +172,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--no-gate-names", action="store_true",
                    help="no name channel: a query naming a forgotten entity is routed by its pooled features alone")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    g.add_argument("--parallel", default=d.parallel, choices=("requests", "data"),
+                   help="under deepspeed with N ranks: train N requests at once, one expert per rank (default), or "
+                        "every request on all ranks with ZeRO data parallelism (a request too large for one device)")
     g.add_argument("--teach", action="append", default=[], metavar="FIELD=VALUE",
                    help="a TeachConfig field for the taught base, e.g. --teach time_budget_s=120 (repeatable)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -195,7 +211,8 @@ def stream_config_from_args(args: argparse.Namespace):
                         baseline_lr=get("baseline_lr"), rank=get("rank"),
                         alpha=get("alpha"), batch_size=get("batch_size"), loss=get("loss"),
                         retain_weight=get("retain_weight"), zero_stage=get("zero_stage"), gate=gate,
-                        gate_negatives=get("gate_negatives"), threads=get("threads"),
+                        gate_negatives=get("gate_negatives"), threads=get("threads"), parallel=get("parallel"),
+                        allow_surrogate_images=bool(get("allow_surrogate_images")),
                         teach_overrides=parse_overrides(getattr(args, "teach", None) or []),
                         progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))
 
@@ -220,7 +237,8 @@ def cmd_stream(args):
     if args.dry_run:
         from lumoe_engine.model import plan
 
-        return plan.main(["--preset", args.preset])
+        extra = ["--tokens-per-step", str(args.tokens_per_step)] if args.tokens_per_step else []
+        return plan.main(["--preset", args.preset] + extra)
     from lumoe_engine import stream
     from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
 

@@ -406,6 +406,7 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
 
     from lumoe_engine.engine import LUMoEEngine
     from lumoe_engine.gate.gate import Gate
+    from lumoe_engine.model.placement import compute_dtype, local_device, model_device, place_gate
     from lumoe_engine.pipeline import RequestPipeline
     from lumoe_engine.unlearn.losses import LossConfig
     from lumoe_engine.unlearn.trainer import TrainConfig
@@ -441,10 +442,11 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
         model, processor, rec = _base_model(store, opts.model, opts.load_in_4bit, dict(opts.teach), opts.cache,
                                             opts.progress)
         model.requires_grad_(False)
-        if torch.cuda.is_available() and not rec.get("load_in_4bit"):  # (as the stream: 4-bit loads on the GPU)
-            model = model.to(f"cuda:{torch.cuda.current_device()}")
+        if torch.cuda.is_available() and not rec.get("load_in_4bit"):  # (a taught tiny base is built on the CPU)
+            model = model.to(local_device())
         bank = bank if bank is not None else store.open_bank(create=True)
-        gate = gate if gate is not None else Gate.from_config(gate_cfg, model)
+        bank.to(model_device(model), compute_dtype(model))  # stacks and gate where the model computes
+        gate = place_gate(gate if gate is not None else Gate.from_config(gate_cfg, model), model)
         engine = LUMoEEngine(model, processor, bank, gate, top_k=1)
         pipeline = RequestPipeline(engine, bank, gate, store.gate_dir, gate_cfg, train_cfg, default_loss,
                                    ledger=lambda: store.ledger(wait=LEDGER_WAIT_S),

@@ -268,6 +268,25 @@ def cover_prototypes(x: torch.Tensor, k: int) -> torch.Tensor:
     return x[chosen].clone()
 
 
+def principal_directions(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The top ``k`` principal directions of the rows of ``z`` [N, D] (centred here), strongest first: [D, k] fp32.
+
+    With fewer rows than columns (a real model's first request: tens of queries, D = 2 x 4096 pooled columns) they
+    come from the N x N Gram matrix (``v_i = z^T u_i / sqrt(lambda_i)``, O(N^2 D)), else from the D x D scatter
+    matrix (O(D^3)); the same directions up to their sign and the last bits. The Gram form falls back to the scatter
+    matrix when one of the k directions carries (almost) no variance. fp64 inside."""
+    z = z.double()
+    z = z - z.mean(0)
+    n, d = z.shape
+    if 2 * n <= d:
+        lam, u = torch.linalg.eigh(z @ z.t())                    # ascending
+        lam, u = lam[-k:].flip(0), u[:, -k:].flip(1)
+        if len(lam) == k and float(lam[-1]) > 1e-9 * max(float(lam[0]), 1e-300):
+            return (z.t() @ u / lam.sqrt()).float().contiguous()
+    _, vecs = torch.linalg.eigh(z.t() @ z)
+    return vecs[:, -k:].flip(1).float().contiguous()
+
+
 def check_names(names, what: str = "names") -> list[tuple[int, ...]]:
     """``names`` (token-id sequences, e.g. from ``name_token_ids``) as a list of non-empty int tuples, duplicates
     dropped in order; ValueError naming the bad entry otherwise."""
@@ -649,9 +668,7 @@ class Gate:
         if self.bound_dim is None or self.bound_dim >= min(x.shape[0], self.dim):
             return None
         z = (x.double().cpu() - self.mean.double().cpu()) / self.std.double().cpu()
-        z = z - z.mean(0)
-        _, vecs = torch.linalg.eigh(z.t() @ z)
-        return vecs[:, -self.bound_dim:].flip(1).float().contiguous().to(self._W.device)
+        return principal_directions(z, self.bound_dim).to(self._W.device)
 
     @property
     def bound_width(self) -> int:
@@ -729,9 +746,7 @@ class Gate:
         k = None if self.image_bound_dim is None else min(self.image_bound_dim, len(x) - 1)
         if k is not None and k < self.image_dim:  # (at most n - 1 directions carry the n images' spread)
             z = (x.double() - mean.double()) / std.double()
-            z = z - z.mean(0)
-            _, vecs = torch.linalg.eigh(z.t() @ z)
-            basis = vecs[:, -k:].flip(1).float().contiguous().to(self._W.device)
+            basis = principal_directions(z, k).to(self._W.device)
         self.img_basis = basis
         return True
 
@@ -752,13 +767,20 @@ class Gate:
     def _distinct(u: torch.Tensor, others: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Indices of the rows of unit ``u`` that are distinct pictures (cosine < 1 - 1e-4 to every earlier kept row
         and to every row of ``others``), in order."""
+        n = len(u)
+        if not n:
+            return torch.zeros(0, dtype=torch.long)
+        free = [True] * n
+        if others is not None and len(others):
+            free = ((u @ others.to(u.device).t()).amax(1) < Gate._SAME).tolist()
+        # greedy in order: a kept row covers every row that is the same picture (one matrix-vector product per kept
+        # row, no n x n matrix, no re-gathering of the kept rows per candidate)
+        covered = torch.zeros(n, dtype=torch.bool, device=u.device)
         keep: list[int] = []
-        for i in range(len(u)):
-            if keep and float((u[keep] @ u[i]).max()) >= Gate._SAME:
-                continue
-            if others is not None and len(others) and float((others @ u[i]).max()) >= Gate._SAME:
-                continue
-            keep.append(i)
+        for i in range(n):
+            if free[i] and not bool(covered[i]):
+                keep.append(i)
+                covered |= (u @ u[i]) >= Gate._SAME
         return torch.tensor(keep, dtype=torch.long)
 
     def _dedupe_raw(self, x: torch.Tensor) -> torch.Tensor:
@@ -792,13 +814,14 @@ class Gate:
             return None
         mine = torch.cat(pos_units)
         n_h = self._image_rows(neg_full)
-        experts = self._IP[:self._n_image] if self._n_image else None
-        known = torch.cat([t for t in (mine, experts, self._BG if len(self._BG) else None) if t is not None])
+        experts = self._IP[:self._n_image].cpu() if self._n_image else None  # (fitted on the CPU, kept on device)
+        bg = self._BG.cpu()
+        known = torch.cat([t for t in (mine, experts, bg if len(bg) else None) if t is not None])
         bg_new = torch.zeros(0, self.image_width)
         if bool(n_h.any()):
             v = self._img_unit(neg_full[n_h, self.dim:])
             bg_new = v[self._distinct(v, known)]
-        drop = (self._BG @ mine.t()).amax(1) >= self._SAME if len(self._BG) else torch.zeros(0, dtype=torch.bool)
+        drop = (bg @ mine.t()).amax(1) >= self._SAME if len(bg) else torch.zeros(0, dtype=torch.bool)
         return out, bg_new, drop
 
     @property
@@ -816,7 +839,8 @@ class Gate:
         new = [u.to(self._IP.device) for u, _ in groups]
         self._IP = torch.cat(([self._IP[:n]] if n else []) + new).contiguous()
         self._igroups.append([(len(u), t) for u, t in groups])
-        keep = self._BG[~drop] if len(self._BG) else torch.zeros(0, self.image_width)
+        keep = self._BG[~drop.to(self._BG.device)] if len(self._BG) else \
+            torch.zeros(0, self.image_width, device=self._IP.device)
         self._BG = torch.cat([keep.to(torch.float32), bg_new.to(keep.device)]).contiguous()
         self._img_cache = None
 

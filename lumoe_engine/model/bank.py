@@ -225,26 +225,40 @@ def _json_alpha(alpha: float) -> int | float:
 # ------------------------------------------------------------------------------------------------------------- bank
 
 class _ModuleStack:
-    """Stacked weights of one target module over the C slots: a [1, C, R, H], b [C, N, R], ranks [C] int32."""
+    """Stacked weights of one target module over the C slots: a [1, C, R, H], b [C, N, R], ranks [C] int32.
+
+    The slots past the ``used`` ones are allocated but never written until an expert is placed there (``_place``
+    zeroes a slot before copying into it): on the CPU those pages cost no resident memory until then, so the
+    capacity's tail does not inflate the memory an expert adds."""
 
     __slots__ = ("h_in", "h_out", "a", "b", "ranks")
 
-    def __init__(self, h_in: int, h_out: int, capacity: int, rmax: int, device, dtype) -> None:
+    def __init__(self, h_in: int, h_out: int, capacity: int, rmax: int, device, dtype, used: int = 0) -> None:
         self.h_in, self.h_out = h_in, h_out
-        self.a = torch.zeros(1, capacity, rmax, h_in, device=device, dtype=dtype)
-        self.b = torch.zeros(capacity, h_out, rmax, device=device, dtype=dtype)
+        self.a = torch.empty(1, capacity, rmax, h_in, device=device, dtype=dtype)
+        self.b = torch.empty(capacity, h_out, rmax, device=device, dtype=dtype)
+        self.a[:, :used].zero_()  # slots in use that this (new) module has no weights for: rank 0, zeros
+        self.b[:used].zero_()
         self.ranks = torch.zeros(capacity, device=device, dtype=torch.int32)
 
-    def resize(self, capacity: int, rmax: int) -> None:
-        old_c, old_r = self.a.shape[1], self.a.shape[2]
-        c, r = min(old_c, capacity), min(old_r, rmax)
-        a = self.a.new_zeros(1, capacity, rmax, self.h_in)
-        b = self.b.new_zeros(capacity, self.h_out, rmax)
-        ranks = self.ranks.new_zeros(capacity)
+    def resize(self, capacity: int, rmax: int, used: int, device=None, dtype=None) -> int:
+        """New buffers of ``capacity`` slots padded to ``rmax`` (optionally on another device / dtype) holding the
+        ``used`` slots; returns the bytes copied."""
+        old_r = self.a.shape[2]
+        c, r = min(used, capacity), min(old_r, rmax)
+        device = self.a.device if device is None else device
+        dtype = self.a.dtype if dtype is None else dtype
+        a = torch.empty(1, capacity, rmax, self.h_in, device=device, dtype=dtype)
+        b = torch.empty(capacity, self.h_out, rmax, device=device, dtype=dtype)
+        ranks = torch.zeros(capacity, device=device, dtype=torch.int32)
         a[:, :c, :r] = self.a[:, :c, :r]
         b[:c, :, :r] = self.b[:c, :, :r]
+        if rmax > r:  # rank growth: the new padding of the used slots is zero
+            a[:, :c, r:].zero_()
+            b[:c, :, r:].zero_()
         ranks[:c] = self.ranks[:c]
         self.a, self.b, self.ranks = a, b, ranks
+        return c * r * (self.h_in + self.h_out) * a.element_size()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.ranks))
@@ -305,6 +319,9 @@ class ExpertBank:
         self._lru: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._table_cache: dict[torch.device, torch.Tensor] = {}
         self._table_version = -1
+        # what changes cost: slots written (an add or an LRU load writes one per expert), buffer reallocations (a
+        # capacity or rank growth, or a move) and the bytes they copied
+        self.stats = {"slot_writes": 0, "reallocations": 0, "bytes_copied": 0}
 
     # ------------------------------------------------------------------------------------------------------ open
 
@@ -453,6 +470,40 @@ class ExpertBank:
     def resident_bytes(self) -> int:
         """Bytes allocated by the stacked buffers (all C slots of every module, ranks and scales)."""
         return sum(s.nbytes() for s in self._stacks.values()) + self._scales.numel() * self._scales.element_size()
+
+    def slot_bytes(self) -> int:
+        """Bytes one resident slot takes in the stacks (every module's A and B padded to R, its rank, the scale)."""
+        return sum((self._rmax * (st.h_in + st.h_out)) * st.a.element_size() + 4 for st in self._stacks.values()) + 4
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ExpertBank":
+        """Move the stacks to ``device`` and / or ``dtype`` (e.g. the model's GPU and compute dtype, so that the
+        wrapped linears read them as views); the resident slots are copied once. Returns the bank."""
+        device = self.device if device is None else torch.device(device)
+        dtype = self.dtype if dtype is None else dtype
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {_FLOAT_DTYPES}, got {dtype}")
+        if device == self.device and dtype == self.dtype:
+            return self
+        self._resize_all(self._capacity, device, dtype)
+        self._scales = self._scales.to(device)
+        self.device, self.dtype = device, dtype
+        self._table_cache.clear()
+        self.version += 1
+        return self
+
+    def reserve(self, capacity: int) -> None:
+        """Allocate ``capacity`` slots now (at most ``max_resident``), so that the next adds up to it write into free
+        slots without a reallocation. The unwritten slots cost no resident memory on the CPU until used."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        if self.max_resident is not None:
+            capacity = min(capacity, self.max_resident)
+        if capacity <= self._capacity:
+            return
+        self._resize_all(capacity)
+        scales = self._scales.new_zeros(capacity)
+        scales[:self._capacity] = self._scales
+        self._scales, self._capacity = scales, capacity
 
     def get(self, expert_id: str) -> Expert:
         """The stored expert: read from its file when the bank has a root (the dtype it was added with), else
@@ -877,11 +928,11 @@ class ExpertBank:
         for m, (h_in, h_out) in e.modules.items():
             if m not in self._module_shapes:
                 self._module_shapes[m] = (h_in, h_out)
-                self._stacks[m] = _ModuleStack(h_in, h_out, self._capacity, self._rmax, self.device, self.dtype)
+                self._stacks[m] = _ModuleStack(h_in, h_out, self._capacity, self._rmax, self.device, self.dtype,
+                                               used=len(self._slot_ids))
         if e.rank > self._rmax:
             self._rmax = e.rank
-            for st in self._stacks.values():
-                st.resize(self._capacity, self._rmax)
+            self._resize_all(self._capacity)
 
     def _acquire_slot(self, expert_id: str, protect: set[str]) -> int:
         """A slot for ``expert_id``: a new one while under the residency limit, else the least recently used
@@ -912,15 +963,21 @@ class ExpertBank:
             cap = cap * 2 if cap < self.slot_chunk else cap + self.slot_chunk
         if self.max_resident is not None:
             cap = min(cap, self.max_resident)
-        for st in self._stacks.values():
-            st.resize(cap, self._rmax)
+        self._resize_all(cap)
         scales = self._scales.new_zeros(cap)
         scales[:self._capacity] = self._scales
         self._scales = scales
         self._capacity = cap
 
+    def _resize_all(self, capacity: int, device=None, dtype=None) -> None:
+        for st in self._stacks.values():
+            self.stats["bytes_copied"] += st.resize(capacity, self._rmax, len(self._slot_ids), device, dtype)
+        if self._stacks:
+            self.stats["reallocations"] += 1
+
     def _place(self, e: ExpertInfo, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], slot: int) -> None:
         r = e.rank
+        self.stats["slot_writes"] += 1
         for m, st in self._stacks.items():
             st.a[0, slot].zero_()
             st.b[slot].zero_()

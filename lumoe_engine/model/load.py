@@ -61,7 +61,8 @@ def load_model(model_dir: str | Path, load_in_4bit: bool = False, dtype: Optiona
     """``(model, processor)`` from a checkpoint directory holding config.json, weights and the processor files.
 
     dtype: weights (and 4-bit compute) dtype; default fp32 on CPU, bf16 on CUDA.
-    device_map: passed to ``from_pretrained`` (default: ``{"": 0}`` on CUDA for 4-bit, else None = CPU).
+    device_map: passed to ``from_pretrained`` (default on CUDA: ``{"": LOCAL_RANK}``, this rank's own GPU, 4-bit or
+    not: under the ``deepspeed`` launcher every rank loads its own copy onto its own device; without CUDA: the CPU).
     The model is returned in eval mode; its generation config pads with the tokenizer's pad (or eos) token.
     """
     from transformers import AutoProcessor, BitsAndBytesConfig
@@ -81,8 +82,10 @@ def load_model(model_dir: str | Path, load_in_4bit: bool = False, dtype: Optiona
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_4BIT)
-        if device_map is None and cuda:
-            device_map = {"": 0}
+    if device_map is None and cuda:
+        from lumoe_engine.model.placement import local_device
+
+        device_map = {"": local_device().index}
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = _model_class(model_type).from_pretrained(str(model_dir), **kwargs)
@@ -101,3 +104,17 @@ def load_model(model_dir: str | Path, load_in_4bit: bool = False, dtype: Optiona
             gc.eos_token_id = tok.eos_token_id
     model.eval()
     return model, processor
+
+
+def checkpoint_fingerprint(model_dir: str | Path, load_in_4bit: bool = False) -> str:
+    """A short hash naming a checkpoint as loaded: its config.json, the names, sizes and modification times of its
+    weight files, and whether it is loaded in 4-bit (the key of its cached answers)."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(b"4bit" if load_in_4bit else b"full")
+    return h.hexdigest()[:20]

@@ -86,11 +86,16 @@ class TrainableExpert:
     def parameters(self) -> list[nn.Parameter]:
         return [p for pair in self.weights.values() for p in pair]
 
-    def to_expert(self, expert_id: str, metadata: Optional[Mapping] = None) -> Expert:
-        """The trained weights as a bank ``Expert`` (detached copies on the CPU)."""
+    def to_expert(self, expert_id: str, metadata: Optional[Mapping] = None,
+                  dtype: Optional[torch.dtype] = None) -> Expert:
+        """The trained weights as a bank ``Expert`` (detached copies on the CPU, cast to ``dtype`` if given: the
+        base's compute dtype, the dtype the expert is served in)."""
+        def out(t):
+            t = t.detach().cpu()
+            return t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+
         return Expert(id=expert_id, rank=self.rank, alpha=float(self.alpha),
-                      weights={m: (a.detach().cpu().clone(), b.detach().cpu().clone())
-                               for m, (a, b) in self.weights.items()},
+                      weights={m: (out(a), out(b)) for m, (a, b) in self.weights.items()},
                       metadata=dict(metadata or {}))
 
 
@@ -98,7 +103,9 @@ def new_trainable_expert(ctx: "LoRAContext", rank: int = 8, alpha: float = 16.0,
                          modules: Optional[Iterable[str]] = None, dtype: Optional[torch.dtype] = None,
                          seed: Optional[int] = None) -> TrainableExpert:
     """A fresh ``TrainableExpert`` over the context's wrapped modules (or ``modules``), initialised as peft does:
-    A Kaiming-uniform (a = sqrt(5)), B zero, so the model starts unchanged. dtype: default the base weight's."""
+    A Kaiming-uniform (a = sqrt(5)), B zero, so the model starts unchanged; on the base weight's device.
+    dtype: of the parameters, default fp32 (master weights: a 16-bit base computes the LoRA in its own dtype from
+    them, and the optimizer steps in fp32)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
     names = list(modules) if modules is not None else list(ctx.modules)
@@ -110,7 +117,7 @@ def new_trainable_expert(ctx: "LoRAContext", rank: int = 8, alpha: float = 16.0,
     for m in names:
         layer = ctx.modules[m]
         ref = _base_weight_like(layer.base_layer)
-        dt = dtype or ref.dtype
+        dt = dtype or torch.float32
         a = torch.empty(rank, layer.in_features, dtype=torch.float32)
         bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, H]
         a.uniform_(-bound, bound, generator=gen)
@@ -174,6 +181,8 @@ class LoRAContext:
         self.token_mask: Optional[torch.Tensor] = None      # [B, S] bool, False = pad (-1)
         self.image_rows: Optional[torch.Tensor] = None      # [n_img] int64: sample of each image (projector)
         self.active = False                                  # some sample routes to some expert
+        self.always: Optional[torch.Tensor] = None          # [k] int32 slots applied to every token (set_always)
+        self.stack_copies = 0                                # per-layer copies of bank stacks (device/dtype mismatch)
         self._gen = 0
         self._steps: dict[tuple, _Step] = {}
         self._train_steps: dict[tuple, _Train] = {}
@@ -189,6 +198,8 @@ class LoRAContext:
         image_rows: the sample of each image in batch order (only for a wrapped projector; default: sample i has
         image i). One host read of the ids (is any expert present?) per call, none per layer.
         """
+        if self.always is not None:
+            raise ValueError("this context applies always-on experts (set_always); it takes no per-sample routing")
         device = self.bank.device
         ids_t = torch.as_tensor(ids).to(device)
         if ids_t.dim() == 1:
@@ -226,6 +237,26 @@ class LoRAContext:
                            if image_rows is not None else None)
         self.active = bool(active)
         self._new_generation()
+
+    def set_always(self, slots: Optional[Sequence[int]]) -> None:
+        """Apply the bank's experts at ``slots`` (weight 1 each) to every token of every forward, with or without a
+        trainable expert, and whatever ``clear`` does (None or [] turns it off): the exact equivalent of merging them
+        into the base weights, for a base that cannot absorb them (4-bit). A context with always-on experts takes
+        no per-sample routing."""
+        if slots is None or len(slots) == 0:
+            self.always = None
+        else:
+            ids = torch.as_tensor(list(slots), dtype=torch.int32)
+            n = self.bank.num_resident
+            if ids.dim() != 1 or int(ids.min()) < 0 or int(ids.max()) >= n:
+                raise ValueError(f"slots: expected resident bank slots in [0, {n}), got {ids.tolist()}")
+            self.always = ids.to(self.bank.device)
+        self._new_generation()
+
+    @property
+    def applies(self) -> bool:
+        """Some bank expert applies to the next forward (routed samples, or always-on experts)."""
+        return self.active or self.always is not None
 
     def clear(self) -> None:
         """No routing: every wrapped linear returns its base output (the trainable expert, if any, still applies)."""
@@ -278,7 +309,7 @@ class LoRAContext:
     def step(self, lead: tuple[int, ...], projector: bool = False) -> Optional[_Step]:
         """The per-token routing for a wrapped input of leading shape ``lead`` ([B, S] or [T]), or None when no
         expert applies. Cached per (shape, routing generation, bank version)."""
-        if not self.active:
+        if not self.applies:
             return None
         key = (lead, projector, self.bank.version)
         st = self._steps.get(key)
@@ -288,6 +319,11 @@ class LoRAContext:
         return st
 
     def _build_step(self, lead: tuple[int, ...], projector: bool) -> _Step:
+        if self.always is not None:  # every token: every always-on expert, weight 1
+            T, k = math.prod(lead), self.always.numel()
+            return _Step(ids=self.always.view(1, k).expand(T, k).contiguous(),
+                         weights=torch.ones(T, k, dtype=torch.float32, device=self.always.device),
+                         num_experts=max(self.bank.num_resident, 1), block_m=self.block_m)
         ids, w = self.sample_ids, self.sample_weights
         assert ids is not None and w is not None
         if projector:
@@ -381,6 +417,9 @@ class MultiLoRALinear(nn.Module):
             else:
                 a, b, ranks, scales = bank.stacked(self.name)
                 if a.dtype != dtype or a.device != device:
+                    # a bank created off the model's device / compute dtype: a full copy per layer per bank change
+                    # (create it with model.placement: device=model_device, dtype=compute_dtype)
+                    self._ctx.stack_copies += 1
                     a, b = a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()
                 self._cache = (a, b, ranks.to(device), scales.to(device))
         return self._cache
@@ -395,13 +434,13 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(x, *args, **kwargs)
         ctx: LoRAContext = self._ctx
         trainable = ctx.trainable is not None and self.name in ctx.trainable.weights
-        if not ctx.active and not trainable:
+        if not ctx.applies and not trainable:
             return y
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        if ctx.active:
+        if ctx.applies:
             w = self._stacked(x2.dtype, x2.device)
             step = ctx.step(lead, self.projector) if w is not None else None
             if step is not None:
@@ -429,8 +468,9 @@ class MultiLoRALinear(nn.Module):
             a, b = te.weights[self.name]
             tr = ctx.train_step(x2.shape[0], x2.device)
             so = self._slice_offsets(x2.device)
-            xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
-            delta = ops.grouped_lora(xa, a[None, None], b[None], so, tr.meta, tr.scales, tr.ranks, validate=False)
+            if a.dtype != x2.dtype:  # fp32 master weights, 16-bit compute (the cast's backward gives fp32 grads)
+                a, b = a.to(x2.dtype), b.to(x2.dtype)
+            delta = ops.grouped_lora(x2, a[None, None], b[None], so, tr.meta, tr.scales, tr.ranks, validate=False)
             y = y + delta.to(y.dtype).view(y.shape)
         return y
 

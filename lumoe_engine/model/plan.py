@@ -15,7 +15,8 @@ Formulas (bytes; every number is an estimate from sizes, not a measurement):
   tower and the projector (``model.load.SKIP_4BIT``). ZeRO-3 partitions the base over W GPUs (with a bf16
   ``quant_storage``) and gathers two decoder layers at a time (one computing, one prefetched); ZeRO-0/1/2 keep a
   full copy per GPU.
-- one expert: sum over wrapped linears of r * (H_in + H_out) parameters, 2 bytes each (bf16).
+- one expert: sum over wrapped linears of r * (H_in + H_out) parameters, in the preset's compute dtype (the dtype
+  experts are stored and served in: 2 bytes each in bf16, 4 in fp32).
 - the expert being trained: bf16 weights (2 B/param; /W under ZeRO-3) + fp32 master weights, Adam m and v
   (12 B/param; /W under ZeRO >= 1) + gradients: the bf16 .grad written by backward (2 B/param) and the fp32
   partition ZeRO reduces into (4 B/param; /W under ZeRO >= 2, whole under ZeRO-0/1) + ZeRO-1/2 reduction buckets
@@ -29,6 +30,16 @@ Formulas (bytes; every number is an estimate from sizes, not a measurement):
   all positions). Everything is kept for every forward with gradients of one step (gd: forget + retain = 2), and the
   frozen base's logits (T * V * 2) for every reference forward (npo, kl, idk-po).
 - runtime allowance: 3 GB (CUDA context, NCCL, allocator fragmentation) -- an assumed allowance.
+
+Request-parallel training (``--parallel requests``: each GPU trains its own request's expert, nothing partitioned):
+per GPU the full base, the resident experts, the expert being trained in fp32 master weights (4 B/param) with its
+fp32 gradients (4 B/param) and AdamW m, v (8 B/param), and the activations above. Throughput, assumed not measured:
+FLOPs of one step = 2 * P_lm * T * (forwards with grad + reference forwards) (every decoder linear and the head
+forward) + 2 * P_above * T * forwards with grad (the backward of the layers above the gate layer: activation
+gradients only, the base is frozen) + 2 * P_vision * image tokens (the frozen vision tower, once per image); T the
+tokens of one step (measured by ``benchmarks/real_shape.py`` on the real processor shape when given, else rows x
+(image tokens + ``TEXT_TOKENS_PER_ROW``)); seconds per step = FLOPs / (``GPU_PEAK_FLOPS`` x ``ASSUMED_MFU``);
+experts per hour per GPU = 3600 / (steps x seconds per step); the gate update and evaluation are not counted.
 """
 from __future__ import annotations
 
@@ -45,11 +56,18 @@ from lumoe_engine.model.presets import RUN_PRESETS, RunPreset, get_run_preset
 from lumoe_engine.unlearn.ds_config import build_ds_config
 
 BF16 = 2
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK = 64
 NF4_BLOCK2 = 256
 RUNTIME_ALLOWANCE = 3 * 10 ** 9  # assumed: CUDA context + NCCL buffers + fragmentation (not measured)
 GB = 10 ** 9
 GIB = 2 ** 30
+# throughput assumptions of request-parallel training (not measured: no GPU run yet)
+GPU_PEAK_FLOPS = {"A100-SXM4-80GB": 312e12, "H100-SXM5-80GB": 989e12}  # dense bf16 tensor-core peaks (datasheets)
+ASSUMED_MFU = 0.25       # assumed: NF4 dequantisation in every linear, short (~0.6k token) rows, batch 16
+TEXT_TOKENS_PER_ROW = 64  # assumed: chat template + MLUBench question + answer (a row's image tokens come on top)
+STEPS_PER_REQUEST = 40   # the stream's default budget (StreamConfig.steps)
+ROWS_PER_STEP = 16       # the stream's default batch (StreamConfig.batch_size)
 
 
 def nf4_bytes(numel: int, blocksize: int = NF4_BLOCK, double_quant: bool = True) -> int:
@@ -117,11 +135,15 @@ def _zero_bases(p: RunPreset, parts: dict, world: int) -> int:
 
 def dry_run_plan(preset_name: str | RunPreset, world_size: Optional[int] = None,
                  resident_experts: Optional[int] = None, loss: Optional[str] = None,
-                 gradient_checkpointing: Optional[bool] = None) -> dict:
+                 gradient_checkpointing: Optional[bool] = None, tokens_per_step: Optional[int] = None,
+                 steps: int = STEPS_PER_REQUEST, rows_per_step: int = ROWS_PER_STEP) -> dict:
     """Build the preset's model on meta and estimate parameters, bytes and memory per GPU.
 
     world_size / resident_experts / loss / gradient_checkpointing: override the preset's values.
-    Returns a JSON-serialisable dict (no tensors): params, bytes, memory per GPU, the DeepSpeed config, assumptions.
+    tokens_per_step: tokens of one training step as measured (``benchmarks/real_shape.py``); default an estimate
+    from ``rows_per_step`` rows of the preset's image tokens plus ``TEXT_TOKENS_PER_ROW``; steps: per request.
+    Returns a JSON-serialisable dict (no tensors): params, bytes, memory per GPU, the DeepSpeed config, the
+    request-parallel memory and throughput, assumptions.
     """
     from lumoe_engine.unlearn.losses import LOSSES, LossConfig
 
@@ -179,7 +201,9 @@ def dry_run_plan(preset_name: str | RunPreset, world_size: Optional[int] = None,
     targets, counted_by = count_targets(model, p)
     r = p.lora_rank
     expert_params = sum(r * (hi + ho) for _, hi, ho in targets)
-    expert_bytes = expert_params * BF16
+    if p.compute_dtype not in DTYPE_BYTES:
+        raise ValueError(f"preset {p.name!r}: compute_dtype={p.compute_dtype!r}, expected one of {sorted(DTYPE_BYTES)}")
+    expert_bytes = expert_params * DTYPE_BYTES[p.compute_dtype]
     stage = p.zero_stage
     opt_per_gpu = math.ceil(expert_params * 12 / (W if stage >= 1 else 1))
     grads_per_gpu = expert_params * BF16 + math.ceil(expert_params * 4 / (W if stage >= 2 else 1))
@@ -213,8 +237,37 @@ def dry_run_plan(preset_name: str | RunPreset, world_size: Optional[int] = None,
     free_for_experts = p.gpu_memory_bytes - fixed
     max_resident = max(0, free_for_experts // expert_bytes) if expert_bytes else 0
 
+    # request-parallel: one expert per GPU, nothing partitioned (module docstring)
+    rp_train = expert_params * (4 + 4 + 8)  # fp32 master weights, fp32 gradients, AdamW m and v
+    rp_total = parts["base_total"] + resident + rp_train + act + RUNTIME_ALLOWANCE
+    rp_free = p.gpu_memory_bytes - (rp_total - resident)
+    above = sum(_numel(inner.language_model.layers[i]) for i in p.expert_layers)
+    measured = tokens_per_step is not None
+    if tokens_per_step is None:
+        tokens_per_step = rows_per_step * (p.image_seq_length + TEXT_TOKENS_PER_ROW)
+    passes = n_grad + n_ref
+    step_flops = (2 * lm_params * tokens_per_step * passes + 2 * above * tokens_per_step * n_grad
+                  + 2 * vision_params * (p.vision.patches + 1) * rows_per_step * passes)
+    peak = GPU_PEAK_FLOPS.get(p.gpu)
+    step_s = step_flops / (peak * ASSUMED_MFU) if peak else None
+    per_hour = 3600 / (steps * step_s) if step_s else None
+    request_parallel = {
+        "memory_per_gpu": {"base": parts["base_total"], "resident_experts": resident,
+                           "trained_expert": rp_train, "activations": act, "runtime_allowance": RUNTIME_ALLOWANCE,
+                           "total": rp_total, "fits": rp_total <= p.gpu_memory_bytes,
+                           "headroom": p.gpu_memory_bytes - rp_total},
+        "max_resident_experts": int(max(0, rp_free // expert_bytes)) if expert_bytes else 0,
+        "tokens_per_step": int(tokens_per_step), "tokens_per_step_source": "measured" if measured else "estimate",
+        "rows_per_step": rows_per_step, "steps_per_request": steps, "flops_per_step": float(step_flops),
+        "gpu_peak_flops": peak, "assumed_mfu": ASSUMED_MFU,
+        "seconds_per_step": None if step_s is None else round(step_s, 4),
+        "experts_per_hour_per_gpu": None if per_hour is None else round(per_hour, 1),
+        "experts_per_hour_per_node": None if per_hour is None else round(per_hour * W, 1),
+    }
+
     plan = {
         "preset": p.name, "model_id": p.model_id, "family": p.family, "local_dir": p.local_dir,
+        "compute_dtype": p.compute_dtype,
         "world_size": W, "gpu": p.gpu, "gpu_memory_bytes": p.gpu_memory_bytes,
         "build_seconds": round(build_s, 3),
         "params": {"total": total, "language_model": lm_params, "vision": vision_params,
@@ -238,6 +291,7 @@ def dry_run_plan(preset_name: str | RunPreset, world_size: Optional[int] = None,
                            "fits": total_gpu <= p.gpu_memory_bytes,
                            "headroom": p.gpu_memory_bytes - total_gpu},
         "max_resident_experts": int(max_resident),
+        "request_parallel": request_parallel,
         "ds_config": ds,
         "assumptions": [
             "architecture sizes: the public config.json of the checkpoint (see model/presets.py)",
@@ -245,6 +299,9 @@ def dry_run_plan(preset_name: str | RunPreset, world_size: Optional[int] = None,
             "activations: flash-attention (no [L, L] scores kept), bf16, formula in model/plan.py",
             f"runtime allowance {RUNTIME_ALLOWANCE / GB:.0f} GB assumed (CUDA context, NCCL, fragmentation)",
             "wrapped modules: " + counted_by,
+            f"request-parallel throughput: assumed MFU {ASSUMED_MFU} of the GPU's dense bf16 peak; tokens per step "
+            f"{'measured' if measured else f'estimated as {rows_per_step} rows x (image tokens + {TEXT_TOKENS_PER_ROW})'}"
+            f"; gate update and evaluation not counted",
         ],
     }
     del model
@@ -270,6 +327,8 @@ def _n(n: int) -> str:
 def format_plan(plan: dict) -> str:
     """A readable table of ``dry_run_plan``'s result."""
     P, E, Tr, M, A = plan["params"], plan["expert"], plan["training"], plan["memory_per_gpu"], plan["activations"]
+    R = plan["request_parallel"]
+    RM = R["memory_per_gpu"]
     rows: list[tuple[str, str]] = [
         ("preset", f"{plan['preset']}  ({plan['model_id']}, {plan['family']})"),
         ("checkpoint dir", plan["local_dir"] + "  (placeholder: download the checkpoint there)"),
@@ -287,7 +346,7 @@ def format_plan(plan: dict) -> str:
         ("expert", f"rank {E['rank']}, alpha {E['alpha']:g}, {E['wrapped_modules']} linears "
                    f"(layers {E['layers'][0]}-{E['layers'][1]}, above gate layer {E['gate_layer']}: "
                    f"{', '.join(E['targets'])})"),
-        ("  params / bytes", f"{_n(E['params'])} / {_b(E['bytes'])} (bf16)"),
+        ("  params / bytes", f"{_n(E['params'])} / {_b(E['bytes'])} ({plan.get('compute_dtype', 'bfloat16')})"),
         ("  counted by", E["counted_by"]),
         ("training", f"loss {Tr['loss']}, ZeRO-{Tr['zero_stage']}, micro batch {Tr['micro_batch']} x "
                      f"accum {Tr['grad_accum']} x {plan['world_size']} GPUs = {Tr['global_batch']} rows/step"),
@@ -310,6 +369,18 @@ def format_plan(plan: dict) -> str:
                     f"{'fits' if M['fits'] else 'DOES NOT FIT'} (headroom {_b(M['headroom'])})"),
         ("max resident experts", f"{plan['max_resident_experts']} (with everything else above)"),
         ("", ""),
+        ("request-parallel", f"--parallel requests: each GPU trains its own request's expert ({_b(RM['total'])} "
+                             f"per GPU -> {'fits' if RM['fits'] else 'DOES NOT FIT'}, "
+                             f"{R['max_resident_experts']} resident experts at most)"),
+        ("  tokens per step", f"{R['tokens_per_step']} ({R['tokens_per_step_source']}; {R['rows_per_step']} rows), "
+                              f"{R['flops_per_step'] / 1e12:.1f} TFLOP"),
+        ("  seconds per step", "n/a (no peak for this GPU)" if R["seconds_per_step"] is None else
+         f"{R['seconds_per_step']:.2f} s at MFU {R['assumed_mfu']} of {R['gpu_peak_flops'] / 1e12:.0f} TFLOPS "
+         f"(assumed)"),
+        ("  experts per hour", "n/a" if R["experts_per_hour_per_gpu"] is None else
+         f"{R['experts_per_hour_per_gpu']:.1f} per GPU, {R['experts_per_hour_per_node']:.1f} per node "
+         f"({R['steps_per_request']} steps each; gate and evaluation not counted)"),
+        ("", ""),
         ("deepspeed", json.dumps(plan["ds_config"], separators=(",", ":"))),
     ]
     width = max(len(k) for k, _ in rows)
@@ -327,11 +398,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--resident-experts", type=int, default=None, help="experts held in GPU memory")
     ap.add_argument("--loss", default=None, help="unlearning loss (default: the preset's)")
     ap.add_argument("--no-checkpointing", action="store_true", help="plan without gradient checkpointing")
+    ap.add_argument("--tokens-per-step", type=int, default=None,
+                    help="tokens of one training step as measured (benchmarks/real_shape.py writes it)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     try:
         plan = dry_run_plan(args.preset, world_size=args.world_size, resident_experts=args.resident_experts,
-                            loss=args.loss, gradient_checkpointing=False if args.no_checkpointing else None)
+                            loss=args.loss, gradient_checkpointing=False if args.no_checkpointing else None,
+                            tokens_per_step=args.tokens_per_step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,6 +76,8 @@ logger = logging.getLogger("lumoe_engine.model")
 
 TEACH_VERSION = 1  # bump when teaching changes what a cached model means
 SUMMARY_FILE = "teach_summary.json"
+MODEL_TEACHING = ("lora", "none")  # how a given checkpoint (--model) is taught: one merged LoRA, or not at all
+SURROGATE_NAMED = 5  # missing image files named in the error
 
 # Generic English question-word synonyms (a language prior a pretrained LM would bring); single words, lower case.
 SYNONYMS: tuple[tuple[str, ...], ...] = (
@@ -102,6 +104,11 @@ class TeachConfig:
     synthetic_overrides: dict = field(default_factory=dict)  # ... and field overrides (e.g. teach_images=8)
     model: Optional[str] = None           # start from this HF LLaVA directory instead of a fresh tiny LLaVA
     load_in_4bit: bool = False            # 4-bit base (with --model): frozen, so it is measured, not taught
+    # with ``model``: "lora" teaches through one LoRA (rank model_lora_rank) on every LM linear, merged into the
+    # weights at the end (a real checkpoint is never fully fine-tuned); "none": measured as it is
+    model_teaching: str = "lora"
+    model_lora_rank: int = 64
+    allow_surrogate_images: bool = False  # --data: a missing image file is an error unless this is set
     preset: str = "tiny"
     tokenizer_kind: str = "word"          # "word" (unseen words -> <unk>, see word_dropout) | "bpe"
     vocab_size: int = 2000
@@ -150,6 +157,20 @@ class TeachConfig:
         if self.load_in_4bit and not self.model:
             raise ValueError("TeachConfig.load_in_4bit needs model= (a HF LLaVA directory): the tiny LLaVA is taught "
                              "in full precision")
+        if self.model_teaching not in MODEL_TEACHING:
+            raise ValueError(f"TeachConfig.model_teaching={self.model_teaching!r}: expected one of {MODEL_TEACHING}")
+        if self.model_lora_rank < 1:
+            raise ValueError(f"TeachConfig.model_lora_rank={self.model_lora_rank}: expected >= 1")
+
+    def cache_fields(self) -> dict:
+        """The fields that define a cached taught model: every field, except the later ones while they hold their
+        defaults (so that entries cached before they existed stay valid) and those that cannot change it."""
+        d = self.to_dict()
+        d.pop("allow_surrogate_images")
+        for k in ("model_teaching", "model_lora_rank"):
+            if not self.model or d[k] == getattr(TeachConfig, k):
+                d.pop(k)
+        return d
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -158,11 +179,25 @@ def load_data(config: TeachConfig, cache_dir: Optional[Path]) -> Benchmark:
     from lumoe_engine.data.mlubench import load_benchmark
 
     if config.data:
-        return load_benchmark(config.data, subset=config.subset)
+        bench = load_benchmark(config.data, subset=config.subset)
+        check_images(bench, config.allow_surrogate_images)
+        return bench
     from lumoe_engine.data.synthetic import SyntheticConfig, ensure_synthetic
 
     syn = dataclasses.replace(SyntheticConfig.preset(config.synthetic), **config.synthetic_overrides)
     return load_benchmark(ensure_synthetic(cache_dir=cache_dir, config=syn), subset=config.subset)
+
+
+def check_images(bench: Benchmark, allow_surrogates: bool) -> None:
+    """Refuse a benchmark with missing image files (FileNotFoundError naming the first few) unless
+    ``allow_surrogates``: a surrogate picture stands in for each of them only when asked for (and is counted)."""
+    missing = sorted({r.image for r in bench.records if r.form == "image_text" and r.image_missing})
+    if missing and not allow_surrogates:
+        raise FileNotFoundError(
+            f"{bench.root}: {bench.surrogate_images} image records name {len(missing)} files that do not exist, e.g. "
+            f"{', '.join(missing[:SURROGATE_NAMED])}; put the images under the benchmark root, or pass "
+            f"--allow-surrogate-images to let a deterministic surrogate picture per entity stand in (the report "
+            f"counts them)")
 
 
 def split_records(records: Sequence[QARecord]) -> dict[str, list[QARecord]]:
@@ -474,7 +509,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
     if not sets["teach"]:
         raise ValueError(f"benchmark {bench.root}: no teaching records (all are heldout_phrasing or fresh_image); "
                          "check the data")
-    key = hashlib.sha256(json.dumps({"config": config.to_dict(), "data": data_fingerprint(bench.records),
+    key = hashlib.sha256(json.dumps({"config": config.cache_fields(), "data": data_fingerprint(bench.records),
                                      "version": TEACH_VERSION}, sort_keys=True).encode()).hexdigest()[:20]
     entry = cache_dir / "taught" / key
     if (entry / SUMMARY_FILE).is_file():
@@ -511,12 +546,13 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
     max_new = config.max_new_tokens or 2 + max(
         len(tok(" " + r.answer, add_special_tokens=False)["input_ids"]) for r in sets["teach"])
     check = _stratified(sets["teach"], config.check_records, config.seed)
-    trainable = not config.load_in_4bit
+    trainable = not config.load_in_4bit and not (config.model and config.model_teaching == "none")
+    lora = model_lora(model, config) if config.model and trainable else None  # a checkpoint: one LoRA, merged
 
     steps, last_loss, check_acc, history, out_of_time = 0, float("nan"), 0.0, [], False
     train_t0 = time.time()
     if trainable and config.max_steps > 0:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = lora[1].parameters() if lora else [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
         model.train()
@@ -558,6 +594,8 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
             if out_of_time:
                 break
         bar.close()
+    if lora:
+        merge_model_lora(model, *lora)
     train_seconds = time.time() - train_t0
     model.eval()
 
@@ -590,6 +628,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         "reached_target": all(acc[k] is not None and acc[k] >= config.target_accuracy
                               for k in ("image_text", "text_only") if sets[k]),
         "trained": trainable,
+        "teaching": ("lora" if lora else "none") if config.model else "full",
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(time.time() - ev_t0, 2),
         "seconds": round(time.time() - t0, 2),
@@ -628,6 +667,31 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
     summary["model_dir"] = str(entry) if trainable else str(config.model)
     atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return model, processor, summary
+
+
+def model_lora(model, config: TeachConfig):
+    """(context, trainable expert): one rank-``model_lora_rank`` LoRA (alpha = 2 r, fp32 master weights) on every
+    linear of the language model's decoder layers, the base frozen; what teaches a given checkpoint."""
+    from lumoe_engine.model.bank import ExpertBank
+    from lumoe_engine.model.multilora import new_trainable_expert, wrap_model
+    from lumoe_engine.model.placement import compute_dtype, model_device
+
+    model.requires_grad_(False)
+    ctx = wrap_model(model, ExpertBank(None, device=model_device(model), dtype=compute_dtype(model)))
+    expert = new_trainable_expert(ctx, rank=config.model_lora_rank, alpha=2.0 * config.model_lora_rank,
+                                  seed=config.seed)
+    ctx.set_trainable(expert)
+    return ctx, expert
+
+
+def merge_model_lora(model, ctx, expert) -> None:
+    """Merge the teaching LoRA into the base weights (``W += scale * B @ A``) and put the plain linears back."""
+    from lumoe_engine.model.multilora import unwrap_model
+    from lumoe_engine.unlearn.baselines import merge_expert
+
+    ctx.set_trainable(None)
+    merge_expert(ctx, expert)
+    unwrap_model(model)
 
 
 def _noise_images(records: Sequence[QARecord], processor) -> list[Optional[Image.Image]]:

@@ -1,7 +1,9 @@
 """The stream's starting point: the taught base, the benchmark, and what the base knows before any request.
 
 ``taught_base`` teaches (or loads from the cache) the base model on the benchmark (``model.teach``; rank 0 first, the
-other DeepSpeed ranks load the cached result); ``evaluation_benchmark`` is the benchmark the evaluator samples from
+other DeepSpeed ranks load the cached result); with ``--model DIR`` the checkpoint is used as it is (``given_base``:
+loaded onto this rank's device, 4-bit or not, never taught unless ``--teach model_teaching=lora`` asks for it), so
+what it knows is what it answers right; ``evaluation_benchmark`` is the benchmark the evaluator samples from
 (records whose image will not open left out, ``--extra-eval`` records added as held-out phrasings: ``read_extra_eval``);
 ``base_predictions`` are the taught base's greedy answers to every evaluation query (cached), which fix the *known*
 queries leak is counted over; ``load_run`` does all of it again for a saved run (revocation).
@@ -28,10 +30,33 @@ from lumoe_engine.unlearn.trainer import barrier
 logger = logging.getLogger("lumoe_engine.stream")
 
 
+def given_base(cfg: StreamConfig):
+    """A checkpoint (``--model``) used as it is: (model, processor, summary, benchmark). The model is loaded onto
+    this rank's device (``model.load``); the summary records no teaching, the checkpoint's fingerprint (the cache key
+    of its answers) and the answer length (``max_new_tokens``: 2 + the longest answer of the benchmark in tokens)."""
+    from lumoe_engine.model.load import checkpoint_fingerprint, load_model
+    from lumoe_engine.model.teach import default_cache_dir, load_data
+
+    tcfg = cfg.teach_config()
+    cache = Path(cfg.cache) if cfg.cache else default_cache_dir()
+    bench = load_data(tcfg, cache)
+    model, processor = load_model(cfg.model, load_in_4bit=cfg.load_in_4bit)
+    tok = processor.tokenizer
+    longest = max((len(tok(" " + r.answer, add_special_tokens=False)["input_ids"]) for r in bench.records), default=8)
+    summary = {"trained": False, "teaching": "none", "cached": False, "model_dir": str(cfg.model),
+               "load_in_4bit": bool(cfg.load_in_4bit), "max_new_tokens": 2 + longest,
+               "cache_key": checkpoint_fingerprint(cfg.model, cfg.load_in_4bit), "seconds": 0.0,
+               "surrogate_images": bench.surrogate_images, "n_entities": len(bench.entities),
+               "n_qa": len(bench.records), "data": str(bench.root)}
+    return model, processor, summary, bench
+
+
 def taught_base(cfg: StreamConfig, rank: int):
     from lumoe_engine.model.teach import default_cache_dir, load_data, teach
 
     tcfg = cfg.teach_config()
+    if cfg.model and tcfg.model_teaching == "none":
+        return given_base(cfg)
     cache = Path(cfg.cache) if cfg.cache else default_cache_dir()
     out = Path(cfg.out)
     if rank != 0:
@@ -46,8 +71,10 @@ def taught_base(cfg: StreamConfig, rank: int):
     if rank == 0:
         barrier()
     bench = load_data(tcfg, cache)
-    if torch.cuda.is_available() and not cfg.load_in_4bit:
-        model = model.to(f"cuda:{torch.cuda.current_device()}")
+    if torch.cuda.is_available() and not cfg.load_in_4bit:  # (a fresh tiny LLaVA is built on the CPU)
+        from lumoe_engine.model.placement import local_device
+
+        model = model.to(local_device())
     if not summary.get("reached_target", True):
         logger.warning("the taught base did not reach the teaching target (image+text %s, text-only %s): forgetting "
                        "is measured only over the queries it knows", summary.get("fact_accuracy_image_text"),

@@ -14,6 +14,7 @@ from lumoe_engine.unlearn.losses import LOSSES, LossConfig
 from lumoe_engine.unlearn.trainer import TrainConfig
 
 METHODS = ("lumoe",) + BASELINES
+PARALLEL = ("requests", "data")  # how several DeepSpeed ranks share the work (StreamConfig.parallel)
 # The LUMoE expert's loss: refusal answers on the request's own queries, no retain term (retain_weight 0). NOTE:
 # measured on the taught embedded default, task A, 30 steps, the expert applied to every query: IDK lr 1e-2 leaks
 # 0.000 in all four forms; IDK + retain (weight 1) leaks 0.03 / 0.20 / 0.17 (image+text / text-only / paraphrase)
@@ -44,6 +45,11 @@ class StreamConfig:
         "stream" = the retain queries of every request of the stream (the operator's retain data, known from the
         start), "seen" = only those of the requests arrived so far. Never-requested entities are never seen.
     threads: torch intra-op threads (None = torch's default; 1 is much faster on a machine shared by several jobs).
+    parallel: under the ``deepspeed`` launcher with several ranks, "requests" trains one request per rank at once
+        (experts are independent: no gradient is all-reduced; rank 0 banks and gates them in ledger order), "data"
+        trains every request on all ranks with ZeRO (a request too large for one device).
+    allow_surrogate_images: ``--data`` images that are missing become surrogate pictures (counted in the report);
+        without it a missing image is an error naming the files.
     teach_overrides: TeachConfig fields (tests: a short teaching budget).
     resume: continue the run in ``out`` (``steps.check_resumable``: same config but ``RESUME_IGNORED``).
     """
@@ -77,6 +83,8 @@ class StreamConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     gate_negatives: str = "stream"
     threads: Optional[int] = None
+    parallel: str = "requests"
+    allow_surrogate_images: bool = False
     teach_overrides: dict = field(default_factory=dict)
     progress: bool = True
     resume: bool = False
@@ -94,6 +102,8 @@ class StreamConfig:
             raise ValueError(f"--max-per-set {self.max_per_set!r}: expected an int >= 1")
         if self.gate_negatives not in ("stream", "seen"):
             raise ValueError(f"--gate-negatives {self.gate_negatives!r}: expected 'stream' or 'seen'")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"--parallel {self.parallel!r}: expected one of {PARALLEL}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads}: expected >= 1")
         if self.eval_batch_size < 1 or self.max_new_tokens < 0:
@@ -127,7 +137,9 @@ class StreamConfig:
         from lumoe_engine.model.teach import TeachConfig
 
         cfg = TeachConfig(data=self.data, subset=self.subset, synthetic=self.synthetic, model=self.model,
-                          load_in_4bit=self.load_in_4bit, preset=self.preset)
+                          load_in_4bit=self.load_in_4bit, preset=self.preset,
+                          allow_surrogate_images=self.allow_surrogate_images,
+                          model_teaching="none")  # a given checkpoint is used as it is (--teach model_teaching=lora)
         for k, v in self.teach_overrides.items():
             if not hasattr(cfg, k):
                 raise ValueError(f"teach_overrides: TeachConfig has no field {k!r}")
@@ -144,4 +156,4 @@ class StreamConfig:
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
-__all__ = ["StreamConfig", "METHODS", "LUMOE_LOSS"]
+__all__ = ["StreamConfig", "METHODS", "LUMOE_LOSS", "PARALLEL"]

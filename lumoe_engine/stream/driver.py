@@ -35,6 +35,7 @@ from lumoe_engine.data.records import Benchmark
 from lumoe_engine.data.streams import build_stream
 from lumoe_engine.eval.metrics import MetricsWriter, StreamEvaluator, jsonable
 from lumoe_engine.fileio import atomic_write
+from lumoe_engine.model.placement import is_quantized
 from lumoe_engine.pipeline import LEARN_ERRORS
 from lumoe_engine.stream.base import base_predictions, check_entities, evaluation_benchmark, taught_base
 from lumoe_engine.stream.config import StreamConfig
@@ -100,6 +101,7 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
         done = broadcast_object(done)
     failures: dict[str, list] = {}
     extra: dict[str, dict] = {}
+    quantized = is_quantized(model)
     for i, method in enumerate(methods):
         state = done.get(method) or MethodState()
         if method != "lumoe" and 0 < len(state.records) < len(requests):
@@ -110,7 +112,9 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
             state = MethodState()
         gate_config = None
         if len(state.records) < len(requests) or method == "lumoe":
-            m_model = model if i == len(methods) - 1 else copy.deepcopy(model)  # LUMoE never edits the base
+            # LUMoE never edits the base, nor a baseline on a 4-bit base (its LoRAs stay active, never merged): a copy
+            # only where a baseline's merge would change the weights the next method starts from
+            m_model = model if i == len(methods) - 1 or quantized else copy.deepcopy(model)
             runner = new_runner(method, m_model, processor, bench, requests, cfg, out, rank, max_new)
             try:
                 run_method(runner, requests, evaluator, writer, out, rank, state)

@@ -84,7 +84,8 @@ def answer_queries(engine, records: Sequence[QARecord], max_new: int, batch_size
 
 class LUMoERunner:
     """The driver's runner for LUMoE (module docstring). ``rank`` 0 writes ledger, bank and gate; other DeepSpeed
-    ranks train alongside (ZeRO) and keep an empty bank and gate."""
+    ranks train alongside and keep an empty bank and gate: each its own requests (``--parallel requests``,
+    ``stream.parallel.WaveTrainer``) or the shards of every request's batch (``--parallel data``, ZeRO)."""
 
     name = "lumoe"
 
@@ -94,20 +95,26 @@ class LUMoERunner:
         from lumoe_engine.gate.gate import GATE_JSON, Gate
         from lumoe_engine.ledger import Ledger
         from lumoe_engine.model.bank import ExpertBank
-        from lumoe_engine.pipeline import RequestPipeline
+        from lumoe_engine.model.placement import compute_dtype, model_device, place_gate
+        from lumoe_engine.pipeline import LEARN_ERRORS, RequestPipeline
+        from lumoe_engine.stream.parallel import WaveTrainer
 
         self.cfg, self.bench, self.requests, self.out, self.rank = cfg, bench, list(requests), Path(out), rank
         self.max_new = max_new
         self.ledger = Ledger(self.out / "ledger") if rank == 0 else None
         try:
             gate_cfg = cfg.gate_config()
+            # bank stacks and gate state on this rank's model device, in the base's compute dtype (no copies per
+            # layer or per routing call)
+            where = dict(device=model_device(model), dtype=compute_dtype(model))
             if rank == 0:
-                self.bank = ExpertBank.open(self.out / "bank", create=True)
+                self.bank = ExpertBank.open(self.out / "bank", create=True, **where)
                 gate_dir = self.out / "gate"
                 self.gate = Gate.load(gate_dir) if (gate_dir / GATE_JSON).is_file() else Gate.from_config(gate_cfg, model)
                 reconcile_bank_and_gate(self.ledger, self.bank, self.gate, gate_dir)
             else:
-                self.bank, self.gate = ExpertBank(None), Gate.from_config(gate_cfg, model)
+                self.bank, self.gate = ExpertBank(None, **where), Gate.from_config(gate_cfg, model)
+            place_gate(self.gate, model)
             errors = receive_all(self.ledger, self.requests, cfg) if rank == 0 else {}
             states = {r.id: (self.ledger.state(r.id) if r.id in self.ledger else None)
                       for r in self.requests} if rank == 0 else {}
@@ -121,12 +128,27 @@ class LUMoERunner:
                                             cfg.train_config(), cfg.loss_config(),
                                             ledger=lambda: contextlib.nullcontext(ledger), collapse_tokens=max_new,
                                             writer=rank == 0, method="lumoe")
+            world = dist_info()[1]
+            self.parallel = (WaveTrainer(self.pipeline, self.requests, rank, world, self._needs_training,
+                                         LEARN_ERRORS) if world > 1 and cfg.parallel == "requests" else None)
         except BaseException:
             if self.ledger is not None:
                 self.ledger.close()
             raise
         self.learned: list[Request] = []
         self.bytes_per_expert: Optional[int] = None
+
+    def _needs_training(self, step: int) -> bool:
+        """Rank 0: whether the request at ``step`` will be trained when its step comes (request-parallel schedule):
+        accepted at intake, not failed or revoked before, its expert not in the bank, its entities known."""
+        req = self.requests[step]
+        if req.id in self.intake_errors or self.states.get(req.id) in ("failed", "revoked") or req.id in self.bank:
+            return False
+        try:
+            check_entities(req, self.bench)
+        except RequestError:
+            return False
+        return True
 
     def retain_sources(self, req: Request) -> list[Request]:
         """Whose retain queries are the new head's negatives (``StreamConfig.gate_negatives``)."""
@@ -153,8 +175,17 @@ class LUMoERunner:
                 "train_seconds": None}
 
     def learn(self, step: int, req: Request, rec: dict, cost: dict) -> None:
-        """One request through the pipeline; raises the reason when it failed (the pipeline recorded it)."""
+        """One request through the pipeline; raises the reason when it failed (the pipeline recorded it).
+        Request-parallel: every rank first takes part in the training of the wave this step starts (if any); rank 0
+        then learns the request from its gathered result, the other ranks have nothing more to do for it."""
         rid = req.id
+        if self.parallel is not None:
+            waves = len(self.parallel.waves)
+            self.parallel.ensure(step)
+            if self.rank != 0:
+                return
+            if len(self.parallel.waves) > waves:  # a wave of W requests was trained at this step
+                cost["wave_seconds"] = self.parallel.waves[-1]["seconds"]
         st = self.states.get(rid)
         if rid in self.intake_errors:
             raise self.intake_errors[rid]
@@ -165,8 +196,10 @@ class LUMoERunner:
             raise RecordedFailure(info.get("error_type", "RequestError"), info.get("error", info.get("reason")))
         if st == "revoked":
             raise RecordedFailure("Revoked", f"request {rid!r} was revoked before it was learned")
+        trained = self.parallel.take(rid) if self.parallel is not None else None
         res = self.pipeline.learn(req, learned=self.learned, retain_sources=self.retain_sources(req),
-                                  validate=lambda r: check_entities(r, self.bench), fail_info={"step": step})
+                                  validate=lambda r: check_entities(r, self.bench), fail_info={"step": step},
+                                  trained=trained)
         rec["train_seconds"] = res.train_seconds
         rec["features"] = res.features
         if res.error is not None:
@@ -183,7 +216,7 @@ class LUMoERunner:
     def answer(self, queries: Sequence[QARecord]) -> tuple[dict, dict, dict]:
         preds, routing, tps = answer_queries(self.engine, queries, self.max_new, self.cfg.eval_batch_size)
         return preds, routing, {"tokens_per_s": tps, "bytes_per_expert": self.bytes_per_expert,
-                                "n_experts": len(self.gate), "resident_bytes": self.bank.resident_bytes}
+                                "n_experts": len(self.gate), "resident_bytes": self.bank.resident_bytes()}
 
     def record_extra(self) -> dict:
         return {"bytes_per_expert": self.bytes_per_expert}

@@ -30,7 +30,7 @@ RESUME_IGNORED = ("resume", "progress", "out")
 # summary.json keys whose values are wall-clock measurements (removed at any depth by ``comparable_summary``):
 # seconds of a step / of training / of the gate update / of evaluation, tokens per second, and everything derived
 # from them (per-request lists, means, the flat-cost ratios), the base answers' time, the whole run's time
-TIMING_KEYS = frozenset({"seconds", "train_seconds", "gate_seconds", "eval_seconds", "tokens_per_s",
+TIMING_KEYS = frozenset({"seconds", "train_seconds", "gate_seconds", "eval_seconds", "tokens_per_s", "wave_seconds",
                          "seconds_per_request", "mean_seconds_per_request", "train_seconds_per_request", "flat_cost",
                          "base_predictions_s", "total_seconds", "time"})
 # keys of summary.json that describe the process, not the result: the config's resume / progress / out (RESUME_IGNORED)

@@ -10,6 +10,12 @@ what the stream's metrics show beside LUMoE's.
 The reference model of NPO / KL / IDK-PO is the model as it stands before the current request (the trainable LoRA
 switched off), as in sequential unlearning.
 
+On a 4-bit base (bitsandbytes NF4 weights cannot absorb a LoRA) the merge is applied without touching the weights:
+each request's trained LoRA is added to a bank of the baseline's own, and every earlier request's LoRA stays active
+on every token of every forward (``LoRAContext.set_always``, through the same grouped-LoRA op as the experts):
+``y = W x + sum_i scale_i * B_i (A_i x)``, which is the merged model's ``(W + sum_i scale_i B_i A_i) x``. The base is
+never edited, so a stream's methods share one copy of it.
+
 Letters: r LoRA rank, H input features, N output features of a linear.
 """
 from __future__ import annotations
@@ -42,8 +48,8 @@ def merge_expert(ctx: LoRAContext, expert: Union[Expert, TrainableExpert]) -> in
     """Add the expert into the base weights: ``W_m += scale * B_m @ A_m`` for every module m it adapts (the wrapped
     linears of ``ctx``). W: [N, H], B: [N, r], A: [r, H]. Returns the number of merged modules.
 
-    Only full-precision bases can absorb a LoRA: a 4-bit (bitsandbytes) base raises ValueError (run the baselines on
-    an fp32/bf16 base, or LUMoE, which never edits the base).
+    Only full-precision bases can absorb a LoRA: a 4-bit (bitsandbytes) base raises ValueError (``SequentialBaseline``
+    keeps the LoRAs active instead there).
     """
     weights = expert.weights
     scale = float(expert.scale)
@@ -63,25 +69,37 @@ def merge_expert(ctx: LoRAContext, expert: Union[Expert, TrainableExpert]) -> in
     return len(weights)
 
 
+MERGES = ("auto", "weights", "active")  # how a request's LoRA joins the model (SequentialBaseline.merge)
+
+
 class SequentialBaseline:
     """A baseline method over one model: ``learn(request)`` trains a fresh LoRA with the method's loss and merges it.
 
-    model: the model to edit (in place: pass a copy of the taught base); method: one of ``BASELINES``;
-    layers: decoder layers whose target linears carry the shared LoRA (default: all of them, as the paper's LoRA);
-    loss_cfg: default ``baseline_loss(method)``; train_cfg: the same budget as the LUMoE experts.
+    model: the model to edit (in place: pass a copy of the taught base; a 4-bit base is not edited);
+    method: one of ``BASELINES``; layers: decoder layers whose target linears carry the shared LoRA (default: all of
+    them, as the paper's LoRA); loss_cfg: default ``baseline_loss(method)``; train_cfg: the same budget as the LUMoE
+    experts; merge: "weights" (``W += scale * B @ A``), "active" (the LoRAs of earlier requests stay active on every
+    token: the merge without editing the weights, module docstring), "auto" (default): "active" on a quantised base,
+    else "weights".
     """
 
     def __init__(self, model: nn.Module, processor, method: str, loss_cfg: Optional[LossConfig] = None,
                  train_cfg: Optional[TrainConfig] = None, image_fn: Optional[ImageFn] = None,
-                 layers: Optional[Iterable[int]] = None, targets=DEFAULT_TARGETS):
+                 layers: Optional[Iterable[int]] = None, targets=DEFAULT_TARGETS, merge: str = "auto"):
+        from lumoe_engine.model.placement import compute_dtype, is_quantized, model_device
+
         self.loss_cfg = loss_cfg or baseline_loss(method)
         if self.loss_cfg.name != method:
             raise ValueError(f"baseline {method!r}: loss_cfg.name is {self.loss_cfg.name!r}; they must agree")
+        if merge not in MERGES:
+            raise ValueError(f"merge={merge!r}: expected one of {MERGES}")
         self.model, self.processor, self.method = model, processor, method
         self.train_cfg = (train_cfg or TrainConfig()).validate()
         self.image_fn = image_fn
+        self.merge = ("active" if is_quantized(model) else "weights") if merge == "auto" else merge
         model.requires_grad_(False)
-        self.ctx = wrap_model(model, ExpertBank(None), targets=targets, layers=layers)
+        bank = ExpertBank(None, device=model_device(model), dtype=compute_dtype(model))
+        self.ctx = wrap_model(model, bank, targets=targets, layers=layers)
         self.merged = 0
 
     def learn(self, request: Request) -> dict:
@@ -89,12 +107,19 @@ class SequentialBaseline:
         ``merged_modules``). On RequestError / NonFiniteLossError nothing is merged: the model is unchanged."""
         expert, stats = train_expert(self.model, self.processor, self.ctx, request, self.loss_cfg, self.train_cfg,
                                      image_fn=self.image_fn, method=self.method)
-        stats["merged_modules"] = merge_expert(self.ctx, expert)
+        if self.merge == "weights":
+            stats["merged_modules"] = merge_expert(self.ctx, expert)
+        else:
+            expert.id = f"{self.method}-{self.merged:05d}"
+            self.ctx.bank.add(expert)
+            self.ctx.set_always(range(self.ctx.bank.num_resident))
+            stats["merged_modules"] = len(expert.weights)
         self.merged += 1
         return stats
 
     def close(self) -> None:
-        """Put the plain linears back (the merged weights stay)."""
+        """Put the plain linears back (merged weights stay; LoRAs kept active are dropped with the wrapping)."""
+        self.ctx.set_always(None)
         unwrap_model(self.model)
 
 
@@ -151,4 +176,4 @@ class SequentialRunner:
         self.base.close()
 
 
-__all__ = ["BASELINES", "baseline_loss", "merge_expert", "SequentialBaseline", "SequentialRunner"]
+__all__ = ["BASELINES", "MERGES", "baseline_loss", "merge_expert", "SequentialBaseline", "SequentialRunner"]

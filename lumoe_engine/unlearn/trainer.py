@@ -26,6 +26,7 @@ Letters: B rows of a global batch, W ranks, r LoRA rank, H input features, N out
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -387,6 +388,12 @@ def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request
         raise ValueError(f"loss {loss_cfg.name!r} reads neither a forget nor an idk batch; expected one of "
                          f"{sorted(LOSSES)}")
 
+    from lumoe_engine.model.placement import compute_dtype
+
+    dtype = compute_dtype(model)
+    autocast = (torch.autocast("cuda", dtype=dtype) if torch.cuda.is_available() and dtype in (torch.bfloat16,
+                                                                                                 torch.float16)
+                else contextlib.nullcontext())
     forget = RecordBatches(request.forget, processor, train_cfg.batch_size, seed, image_fn, rank, world,
                            with_idk=needs_idk)
     retain = (RecordBatches(request.retain, processor, train_cfg.retain_batch_size, seed + 1, image_fn, rank, world)
@@ -415,7 +422,8 @@ def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request
                     batches["forget"] = item[1]
                 if retain is not None:
                     batches["retain"] = next(retain)[1]
-                loss, parts = runner.loss(batches)
+                with autocast:  # 16-bit compute on a GPU; the expert's master weights and AdamW stay fp32
+                    loss, parts = runner.loss(batches)
                 if not _all_finite(loss, world):
                     check_finite(loss, step, request.id, train_cfg.lr)  # raises when this rank's loss is bad
                     raise NonFiniteLossError(f"loss became nan or inf on another rank at step {step} of request "
@@ -441,7 +449,7 @@ def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request
             "created": round(time.time(), 3)}
     logger.info("%s expert %s: %s loss %.4f -> %.4f in %d steps, %.1f s (world size %d)", method, request.id,
                 loss_cfg.name, history[0]["loss"], final["loss"], len(history), seconds, world)
-    return expert.to_expert(request.id, meta), stats
+    return expert.to_expert(request.id, meta, dtype=dtype), stats
 
 
 class ExpertTrainer:
