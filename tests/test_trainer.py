@@ -191,3 +191,67 @@ def test_sequential_baseline_one_shared_lora_merged_each_request(setup):
     assert torch.equal(m.get_submodule(names[0]).weight, w[2][names[0]])
     with pytest.raises(ValueError, match="baseline 'lumoe'"):
         baseline_loss("lumoe")
+
+
+def _probe_logits(model, processor, records):
+    from lumoe_engine.model.collate import collate
+
+    batch = collate(records, processor, image_fn=load_image)
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def test_baseline_on_a_4bit_base_changes_the_model_after_each_request(setup, tmp_path):
+    """NF4 weights cannot absorb a LoRA: the baseline keeps every earlier request's LoRA active on every token (the
+    merge, through the grouped-LoRA op); the model's answers change after each request, its weights never."""
+    import bitsandbytes as bnb
+
+    from lumoe_engine.model.load import load_model
+
+    model, processor, bench, req = setup
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    q, qproc = load_model(tmp_path / "m", load_in_4bit=True)
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in q.modules())
+    with pytest.raises(ValueError, match="quantised"):  # the weight merge refuses NF4 ...
+        merge_expert(wrap_model(copy.deepcopy(q), ExpertBank(None), layers=[1]),
+                     random_expert("x", {target_module_names(q, layers=[1])[0]: (64, 64)}))
+    before = _hash(q)
+    base = SequentialBaseline(q, qproc, "ga", train_cfg=FAST, layers=[0, 1])
+    assert base.merge == "active"
+    probe = req.forget[:3] + req.retain[:3]
+    logits = [_probe_logits(q, qproc, probe)]
+    r2 = dataclasses.replace(build_stream(bench, "abcd")[1], forget=build_stream(bench, "abcd")[1].forget[:8],
+                             retain=req.retain)
+    for k, r in enumerate((req, r2), start=1):
+        stats = base.learn(r)  # ... the baseline does not fail: its LoRA joins the model
+        assert stats["merged_modules"] == 14 and base.ctx.bank.num_resident == k
+        assert base.ctx.always is not None and base.ctx.always.tolist() == list(range(k))
+        logits.append(_probe_logits(q, qproc, probe))
+        change = float((logits[k] - logits[k - 1]).abs().max())
+        print(f"4-bit baseline, request {k}: max |logit change| {change:.4f}")
+        assert change > 1e-3, f"request {k} did not change the 4-bit baseline's model"
+    base.close()
+    assert _hash(q) == before and sum(isinstance(m, bnb.nn.Linear4bit) for m in q.modules()) == n4
+    assert torch.allclose(_probe_logits(q, qproc, probe), logits[0])  # unwrapped: the base again
+
+
+def test_active_loras_are_the_merge(setup):
+    """On a full-precision base, keeping the LoRAs active gives the merged model's outputs (2 requests)."""
+    model, processor, bench, req = setup
+    r2 = dataclasses.replace(build_stream(bench, "abcd")[1], forget=build_stream(bench, "abcd")[1].forget[:8],
+                             retain=req.retain)
+    probe = req.forget[:3] + req.retain[:3]
+    out = {}
+    for merge in ("weights", "active"):
+        m = copy.deepcopy(model)
+        base = SequentialBaseline(m, processor, "gd", train_cfg=FAST, layers=[0, 1], merge=merge)
+        for r in (req, r2):
+            base.learn(r)
+        out[merge] = _probe_logits(m, processor, probe)
+        base.close()
+    err = float((out["weights"] - out["active"]).abs().max())
+    print(f"merged weights vs active LoRAs: max |logit diff| {err:.2e}")
+    assert float((out["weights"] - _probe_logits(model, processor, probe)).abs().max()) > 1e-3
+    assert err < 1e-3

@@ -972,7 +972,7 @@ class ExpertBank:
     def _resize_all(self, capacity: int, device=None, dtype=None) -> None:
         for st in self._stacks.values():
             self.stats["bytes_copied"] += st.resize(capacity, self._rmax, len(self._slot_ids), device, dtype)
-        if self._stacks:
+        if self._stacks and self._slot_ids:  # (the first buffers of an empty bank are an allocation, not a copy)
             self.stats["reallocations"] += 1
 
     def _place(self, e: ExpertInfo, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], slot: int) -> None:

@@ -110,7 +110,7 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
             logger.info("%s: unfinished (%d of %d requests); rerun from the start", method, len(state.records),
                         len(requests))
             state = MethodState()
-        gate_config = None
+        gate_config, run_extra = None, {}
         if len(state.records) < len(requests) or method == "lumoe":
             # LUMoE never edits the base, nor a baseline on a 4-bit base (its LoRAs stay active, never merged): a copy
             # only where a baseline's merge would change the weights the next method starts from
@@ -119,9 +119,10 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
             try:
                 run_method(runner, requests, evaluator, writer, out, rank, state)
                 gate_config = runner.gate_config()
+                run_extra = runner.summary_extra() if hasattr(runner, "summary_extra") else {}
             finally:
                 runner.close()
-        extra[method] = method_extra(method, cfg, state, gate_config)
+        extra[method] = {**method_extra(method, cfg, state, gate_config), **run_extra}
         failures[method] = state.failures
         barrier()
 

@@ -95,9 +95,11 @@ class LUMoERunner:
         from lumoe_engine.gate.gate import GATE_JSON, Gate
         from lumoe_engine.ledger import Ledger
         from lumoe_engine.model.bank import ExpertBank
-        from lumoe_engine.model.placement import compute_dtype, model_device, place_gate
+        from lumoe_engine.model.placement import compute_dtype, model_device, place_gate, placement_report
         from lumoe_engine.pipeline import LEARN_ERRORS, RequestPipeline
+        from lumoe_engine.model.multilora import new_trainable_expert
         from lumoe_engine.stream.parallel import WaveTrainer
+        from lumoe_engine.unlearn.trainer import gather_object
 
         self.cfg, self.bench, self.requests, self.out, self.rank = cfg, bench, list(requests), Path(out), rank
         self.max_new = max_new
@@ -112,6 +114,9 @@ class LUMoERunner:
                 gate_dir = self.out / "gate"
                 self.gate = Gate.load(gate_dir) if (gate_dir / GATE_JSON).is_file() else Gate.from_config(gate_cfg, model)
                 reconcile_bank_and_gate(self.ledger, self.bank, self.gate, gate_dir)
+                # one slot per request of the stream now: every add writes into a free slot, never a reallocation
+                # (unwritten slots cost no resident memory on the CPU; on a GPU they are the plan's resident experts)
+                self.bank.reserve(len(set(self.bank.ids) | {r.id for r in self.requests}))
             else:
                 self.bank, self.gate = ExpertBank(None, **where), Gate.from_config(gate_cfg, model)
             place_gate(self.gate, model)
@@ -131,6 +136,10 @@ class LUMoERunner:
             world = dist_info()[1]
             self.parallel = (WaveTrainer(self.pipeline, self.requests, rank, world, self._needs_training,
                                          LEARN_ERRORS) if world > 1 and cfg.parallel == "requests" else None)
+            # device bookkeeping of every rank (model, bank stacks, gate, where a new expert's LoRA is created)
+            probe = new_trainable_expert(self.engine.ctx, rank=1)
+            self.placement = gather_object(placement_report(model, self.bank, self.gate, probe))
+            del probe
         except BaseException:
             if self.ledger is not None:
                 self.ledger.close()
@@ -227,6 +236,16 @@ class LUMoERunner:
 
     def gate_config(self) -> dict:
         return self.gate.config()
+
+    def summary_extra(self) -> dict:
+        """For summary.json: every rank's placement (``model.placement.placement_report``) and, request-parallel,
+        the waves trained (their requests and seconds)."""
+        doc = {"placement": self.placement,
+               "parallel": {"mode": self.cfg.parallel if self.parallel is not None else "single",
+                            "world_size": dist_info()[1]}}
+        if self.parallel is not None:
+            doc["parallel"]["waves"] = self.parallel.waves
+        return doc
 
     def close(self) -> None:
         try:

@@ -3,7 +3,7 @@
 Experts are independent (each trains on the frozen base with only itself active), so nothing has to be all-reduced
 between ranks: rank j of a wave trains the wave's j-th request alone (``RequestPipeline.train`` with
 ``use_deepspeed=False``: plain AdamW on its own device, the same seed, data and steps as a single process), the
-results are gathered on rank 0 (``torch.distributed.gather_object``), and rank 0 hands each to
+results are gathered on rank 0 (``trainer.gather_object``), and rank 0 hands each to
 ``RequestPipeline.learn(request, trained=...)`` when the stream reaches that request's step: collapse guard, bank,
 gate and ledger events run there in ledger order, exactly as in one process. A request whose training failed on some
 rank fails at its step on rank 0 with that rank's error (recorded in the ledger as usual).
@@ -25,6 +25,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from lumoe_engine.data.streams import Request
+from lumoe_engine.unlearn.trainer import broadcast_object, gather_object
 
 logger = logging.getLogger("lumoe_engine.stream")
 
@@ -48,8 +49,6 @@ class WaveTrainer:
         self.waves: list[dict] = []                    # per wave: ids, seconds (rank 0)
 
     def _plan(self, start: int) -> None:
-        from lumoe_engine.unlearn.trainer import broadcast_object
-
         ids = [self.requests[s].id for s in range(start, len(self.requests)) if self.pending(s)] \
             if self.rank == 0 else None
         self.schedule = broadcast_object(ids)
@@ -76,7 +75,7 @@ class WaveTrainer:
                 result = self.pipeline.train(req, use_deepspeed=False)
             except self.errors as exc:  # fails that request alone, at its step on rank 0
                 result = exc
-        gathered = _gather((mine, result), self.world)
+        gathered = gather_object((mine, result))
         seconds = round(time.perf_counter() - t0, 3)
         self.done.update(wave)
         if self.rank == 0:
@@ -88,18 +87,6 @@ class WaveTrainer:
     def take(self, request_id: str):
         """Rank 0: the gathered training result of ``request_id`` (None when it was not trained in a wave)."""
         return self.results.pop(request_id, None)
-
-
-def _gather(obj, world: int) -> list:
-    """``obj`` of every rank, on rank 0 (in rank order); [] on the others; [obj] outside torch.distributed."""
-    import torch.distributed as dist
-
-    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    rank = dist.get_rank()
-    out = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out if rank == 0 else []
 
 
 __all__ = ["WaveTrainer"]

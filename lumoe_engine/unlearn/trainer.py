@@ -351,6 +351,17 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_object(obj) -> list:
+    """``obj`` of every rank on rank 0, in rank order ([] on the others); ``[obj]`` outside torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out if dist.get_rank() == 0 else []
+
+
 def _all_finite(loss: torch.Tensor, world: int) -> bool:
     """Whether the loss is finite on every rank (one all-reduce when distributed), so all ranks stop together."""
     ok = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
@@ -470,4 +481,4 @@ class ExpertTrainer:
 
 __all__ = ["TrainConfig", "RequestError", "NonFiniteLossError", "RecordBatches", "ExpertModule", "ExpertTrainer",
            "train_expert", "check_request", "loss_reads_retain", "base_reference", "expert_off", "init_distributed",
-           "dist_info", "barrier", "broadcast_object"]
+           "dist_info", "barrier", "broadcast_object", "gather_object"]
