@@ -35,6 +35,7 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "lumoe_engine" / "run.py"),
+           "--parallel", "data",
            "--stream", "ab", "--synthetic", "tiny", "--preset", "micro", "--cache", str(tmp_path / "cache"),
            "--out", str(out), "--steps", "3", "--batch-size", "8", "--max-per-set", "6", "--no-progress",
            "--teach", "max_steps=20", "--teach", "eval_max_records=40", "--teach", "check_every=1000"]
@@ -85,3 +86,58 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     scale = max(float(plain.weights[m][1].abs().max()) for m in plain.weights)
     print(f"2-rank DeepSpeed expert vs 1-process expert: max |diff| {worst:.2e} (|B| max {scale:.2e})")
     assert scale > 0 and worst <= 1e-4 * max(1.0, scale) + 1e-6
+
+
+def _steps_seconds(out) -> float:
+    return sum(json.loads(f.read_text())["cost"]["seconds"] for f in sorted((out / "steps" / "lumoe").glob("*.json")))
+
+
+@pytest.mark.skipif(not LAUNCHER.exists() and shutil.which("deepspeed") is None, reason="no deepspeed launcher")
+def test_request_parallel_two_ranks_give_the_single_process_experts(tmp_path):
+    """``--parallel requests``: 2 CPU ranks train 2 requests at once (each alone, nothing all-reduced); rank 0 banks
+    and gates them in ledger order. The experts (files byte for byte), the gate and the ledger's order equal those of
+    one process with the same seeds and ``--threads 1``."""
+    launcher = str(LAUNCHER) if LAUNCHER.exists() else shutil.which("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    common = ["--stream", "synthetic:4", "--synthetic", "tiny", "--preset", "micro", "--cache", str(tmp_path / "cache"),
+              "--steps", "3", "--batch-size", "8", "--max-per-set", "4", "--no-progress", "--threads", "1",
+              "--teach", "max_steps=20", "--teach", "eval_max_records=40", "--teach", "check_every=1000"]
+    run_py = str(ROOT / "lumoe_engine" / "run.py")
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run([sys.executable, run_py, *common, "--out", str(one)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), run_py, *common,
+                           "--parallel", "requests", "--out", str(two)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "dist_world_size=2" in log
+
+    m1, m2 = (json.loads((d / "bank" / "manifest.json").read_text())["experts"] for d in (one, two))
+    assert [e["id"] for e in m1] == [e["id"] for e in m2] and len(m1) == 4
+    for a, b in zip(m1, m2):
+        assert a["sha256"] == b["sha256"], f"expert {a['id']}: 2-rank bytes differ from the single process's"
+        assert (one / "bank" / "experts" / a["file"]).read_bytes() == (two / "bank" / "experts" / b["file"]).read_bytes()
+        assert b["metadata"]["world_size"] == 1 and b["metadata"]["deepspeed"] is False  # each trained alone
+    g1, g2 = (json.loads((d / "gate" / "gate.json").read_text()) for d in (one, two))
+    assert g1["expert_ids"] == g2["expert_ids"] and g1["sha256"] == g2["sha256"]
+    s2 = json.loads((two / "summary.json").read_text())["methods"]["lumoe"]
+    assert s2["failures"] == [] and s2["parallel"]["mode"] == "requests" and s2["parallel"]["world_size"] == 2
+    assert [w["requests"] for w in s2["parallel"]["waves"]] == [[e["id"] for e in m1[:2]], [e["id"] for e in m1[2:]]]
+    # every rank's model, bank, gate and new LoRA parameters on that rank's device
+    assert [p["local_rank"] for p in s2["placement"]] == [0, 1] and all(p["ok"] for p in s2["placement"])
+    assert all(p["device"] == "cpu" and p["lora_dtype"] == ["float32"] for p in s2["placement"])
+    # the ledger went through the same events in the same order
+    from lumoe_engine.ledger import Ledger
+
+    def events(d):
+        led = Ledger(d / "ledger", readonly=True)
+        try:
+            return [(e["request"], e["state"]) for e in led.events()]
+        finally:
+            led.close()
+
+    assert events(one) == events(two)
+    print(f"steps: 1 process {_steps_seconds(one):.1f} s, 2 ranks {_steps_seconds(two):.1f} s")

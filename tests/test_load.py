@@ -1,6 +1,7 @@
 """Real-model loading path: a saved tiny LLaVA (model + processor) comes back through ``load_model`` equal in fp32,
 and loads and runs as a 4-bit NF4 base."""
 import copy
+from pathlib import Path
 import json
 
 import numpy as np
@@ -106,3 +107,47 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type"):
         load_model(tmp_path)
+
+
+def test_teach_model_trains_one_merged_lora_never_a_full_fine_tune(tmp_path, monkeypatch):
+    """``teach --model DIR`` (model_teaching="lora"): the optimizer holds only the LoRA's A/B (2 per LM linear), and
+    what changes in the saved taught model is the LM linears' weights (the merge); embeddings, norms, vision tower,
+    projector and head are bitwise the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from lumoe_engine.data.synthetic import SyntheticConfig, ensure_synthetic
+    from lumoe_engine.data.mlubench import load_benchmark
+    from lumoe_engine.model.teach import TeachConfig, teach
+
+    cache = tmp_path / "cache"
+    bench = load_benchmark(ensure_synthetic(cache_dir=cache, config=SyntheticConfig.preset("tiny")))
+    tok = train_tokenizer([r.question for r in bench.records] + [r.answer for r in bench.records], vocab_size=300)
+    model, processor = build_tiny_llava(tok, "micro", seed=0)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    sizes = []
+    real_adamw = torch.optim.AdamW
+
+    def adamw(params, **kw):
+        params = list(params)
+        sizes.append(len(params))
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    cfg = TeachConfig(synthetic="tiny", model=str(ckpt), max_steps=4, check_every=1000, eval_max_records=8,
+                      batch_size=4, lr=1e-2, model_lora_rank=4)
+    _, _, summary = teach(cfg, tmp_path / "out", cache_dir=cache, progress=False)
+    assert summary["teaching"] == "lora" and summary["trained"] and summary["steps"] == 4
+    assert sizes == [2 * 7 * 2]  # A and B of q, k, v, o, gate, up, down in each of the 2 decoder layers
+    before, after = load_file(str(ckpt / "model.safetensors")), load_file(str(Path(summary["model_dir"]) /
+                                                                             "model.safetensors"))
+    assert set(before) == set(after)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all("language_model" in k and ".layers." in k and k.endswith("proj.weight") for k in changed), changed
+    # measuring only: nothing changes, nothing is cached as a taught copy
+    _, _, measured = teach(TeachConfig(synthetic="tiny", model=str(ckpt), model_teaching="none", max_steps=4,
+                                       eval_max_records=8), tmp_path / "out2", cache_dir=cache, progress=False)
+    assert measured["teaching"] == "none" and not measured["trained"] and measured["model_dir"] == str(ckpt)
+    with pytest.raises(ValueError, match="model_teaching"):
+        TeachConfig(model=str(ckpt), model_teaching="full").validate()

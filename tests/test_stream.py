@@ -200,6 +200,75 @@ def test_extra_eval_records_join_the_paraphrase_form(tmp_path, cache):
         stream_base.read_extra_eval([str(bad)], bench)
 
 
+# ------------------------------------------------------------------------------------------ a given checkpoint
+def test_given_checkpoint_is_used_as_it_is(tmp_path, cache, monkeypatch):
+    """--model DIR: no teaching (teach() is never called), the checkpoint's files untouched, the known set is what
+    the checkpoint itself answers; the run's bank and gate sit on the model's device in its dtype."""
+    import hashlib
+
+    from lumoe_engine.model import teach as teach_mod
+    from lumoe_engine.model.teach import load_data
+    from lumoe_engine.model.tiny import build_tiny_llava
+    from lumoe_engine.model.tokenizer import train_tokenizer
+
+    bench = load_data(_cfg(tmp_path, cache).teach_config(), cache)
+    tok = train_tokenizer([r.question for r in bench.records] + [r.answer for r in bench.records], vocab_size=400)
+    model, processor = build_tiny_llava(tok, "micro", seed=3)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    digest = lambda: hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    before = digest()
+
+    def no_teaching(*a, **k):
+        raise AssertionError("a given checkpoint was taught")
+
+    monkeypatch.setattr(teach_mod, "teach", no_teaching)
+    seen = {}
+    real = stream_base.base_predictions
+
+    def spy(model, processor, queries, max_new, cfg, summary):
+        preds = real(model, processor, queries, max_new, cfg, summary)
+        seen["preds"], seen["queries"], seen["max_new"] = preds, queries, max_new
+        return preds
+
+    monkeypatch.setattr("lumoe_engine.stream.driver.base_predictions", spy)
+    out = tmp_path / "run"
+    summary = stream_mod.run_stream(_cfg(out, cache, stream="ab", model=str(ckpt)))
+    assert digest() == before
+    assert summary["teach"]["model_dir"] == str(ckpt) and summary["teach"]["cached"] is False
+    assert summary["config"]["teach_config"]["model_teaching"] == "none"
+    assert [e["id"] for e in json.loads((out / "bank" / "manifest.json").read_text())["experts"]] == \
+        ["taskA", "taskB"]
+    # the known set: the checkpoint's own answers (greedy, unchanged weights) to the evaluation queries
+    from lumoe_engine.data.mlubench import load_image
+    from lumoe_engine.model.collate import generate_answers
+
+    q = seen["queries"][:6]
+    assert generate_answers(model, processor, q, seen["max_new"], image_fn=load_image) == \
+        [seen["preds"][r.uid] for r in q]
+    place = summary["methods"]["lumoe"]["placement"]
+    assert len(place) == 1 and place[0]["ok"] and place[0]["bank_dtype"] == "float32"
+
+
+def test_missing_images_are_an_error_unless_allowed(tmp_path):
+    from lumoe_engine.model.shapes import write_mini_benchmark
+    from lumoe_engine.model.teach import load_data
+
+    root = write_mini_benchmark(tmp_path / "data", image_size=32)
+    gone = root / "downloaded_images" / "Astronomy" / "Zorvath" / "1.png"
+    gone.unlink()
+    cfg = stream_mod.StreamConfig(data=str(root))
+    with pytest.raises(FileNotFoundError, match=r"1 files that do not exist.*Zorvath/1.png.*--allow-surrogate-images"):
+        load_data(cfg.teach_config(), None)
+    import argparse
+
+    p = run_mod.add_stream_arguments(argparse.ArgumentParser())
+    allowed = run_mod.stream_config_from_args(p.parse_args(["--data", str(root), "--allow-surrogate-images"]))
+    bench = load_data(allowed.teach_config(), None)
+    assert bench.surrogate_images == 1  # counted: config.json and report.md say how many stood in
+
+
 # ------------------------------------------------------------------------------ the embedded default (slow)
 @pytest.mark.slow
 def test_flat_training_cost_on_synthetic16(tmp_path):

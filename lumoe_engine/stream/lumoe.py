@@ -95,11 +95,9 @@ class LUMoERunner:
         from lumoe_engine.gate.gate import GATE_JSON, Gate
         from lumoe_engine.ledger import Ledger
         from lumoe_engine.model.bank import ExpertBank
-        from lumoe_engine.model.placement import compute_dtype, model_device, place_gate, placement_report
+        from lumoe_engine.model.placement import compute_dtype, model_device, place_gate
         from lumoe_engine.pipeline import LEARN_ERRORS, RequestPipeline
-        from lumoe_engine.model.multilora import new_trainable_expert
         from lumoe_engine.stream.parallel import WaveTrainer
-        from lumoe_engine.unlearn.trainer import gather_object
 
         self.cfg, self.bench, self.requests, self.out, self.rank = cfg, bench, list(requests), Path(out), rank
         self.max_new = max_new
@@ -136,10 +134,6 @@ class LUMoERunner:
             world = dist_info()[1]
             self.parallel = (WaveTrainer(self.pipeline, self.requests, rank, world, self._needs_training,
                                          LEARN_ERRORS) if world > 1 and cfg.parallel == "requests" else None)
-            # device bookkeeping of every rank (model, bank stacks, gate, where a new expert's LoRA is created)
-            probe = new_trainable_expert(self.engine.ctx, rank=1)
-            self.placement = gather_object(placement_report(model, self.bank, self.gate, probe))
-            del probe
         except BaseException:
             if self.ledger is not None:
                 self.ledger.close()
@@ -239,8 +233,14 @@ class LUMoERunner:
 
     def summary_extra(self) -> dict:
         """For summary.json: every rank's placement (``model.placement.placement_report``) and, request-parallel,
-        the waves trained (their requests and seconds)."""
-        doc = {"placement": self.placement,
+        the waves trained (their requests and seconds). Collective: every rank calls it, after the last step."""
+        from lumoe_engine.model.multilora import new_trainable_expert
+        from lumoe_engine.model.placement import placement_report
+        from lumoe_engine.unlearn.trainer import gather_object
+
+        probe = new_trainable_expert(self.engine.ctx, rank=1)  # where a new expert's LoRA parameters are created
+        placement = gather_object(placement_report(self.engine.model, self.bank, self.gate, probe))
+        doc = {"placement": placement,
                "parallel": {"mode": self.cfg.parallel if self.parallel is not None else "single",
                             "world_size": dist_info()[1]}}
         if self.parallel is not None:
