@@ -34,6 +34,7 @@ setup(
         "lumoe_engine.unlearn",
         "lumoe_engine.data",
         "lumoe_engine.eval",
+        "lumoe_engine.stream",
     ],
     package_dir={"lumoe_engine.kernels": "kernels", "lumoe_engine.csrc": "csrc"},
     package_data={"lumoe_engine.csrc": ["*.cpp", "*.h"]},

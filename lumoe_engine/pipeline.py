@@ -25,7 +25,10 @@ They differ only in what they pass: which requests count as learned, whose retai
 stream: its requests'; the store: every live request's and a general pool), how the ledger is opened (the stream
 holds it; the store opens it per event, waiting for a submit), and the collapse guard's answer length.
 
-Under DeepSpeed every rank trains (ZeRO shards the batch); only the writer (rank 0) touches ledger, bank and gate.
+Under DeepSpeed, only the writer (rank 0) touches ledger, bank and gate. ``--parallel data``: every rank trains each
+request (ZeRO shards the batch). ``--parallel requests`` (``stream.parallel``): each rank runs ``train`` for its own
+request of a wave, and the writer hands each result to ``learn(request, trained=...)`` in ledger order: the guard,
+bank, gate and ledger steps are this same path.
 
 Letters: P positive queries, Q negative queries.
 """

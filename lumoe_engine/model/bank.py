@@ -15,8 +15,13 @@ Adds write into free slots of these buffers (no re-stacking). Slot capacity doub
 would waste up to half. Measured (CPU, 16 modules, H = 1024, r = 8: 1 MiB per expert, 320 adds): resident bytes
 1.000x the LoRA bytes at full capacity, process RSS growth per added expert 1.00x (in memory) to 1.01x (with files)
 between N = 128 and 320. Each growth reallocates and copies every module buffer (amortised over ``slot_chunk`` adds);
-``open`` and ``add_many`` size the buffers once. A larger rank than R re-pads every buffer to the new R (R never
-shrinks).
+``open`` and ``add_many`` size the buffers once, and ``reserve(n)`` allocates n slots ahead (a stream reserves one per
+request: every add then writes into a free slot, nothing is reallocated). Slots past the used ones are allocated but
+never written until an expert is placed there, so on the CPU they cost no resident memory until used (on a GPU they
+are reserved: the plan's resident experts). A larger rank than R re-pads every buffer to the new R (R never shrinks).
+``stats`` counts what changes cost: slots written (an add or an LRU load writes one per expert), reallocations and
+the bytes they copied. ``to(device, dtype)`` moves the stacks once (e.g. onto the model's GPU in its compute dtype,
+where the wrapped linears read them as views).
 
 Routing ids are bank indices (positions in ``ids``, the order of addition); ``slot_of`` translates them (or string
 ids) into slots, -1 staying -1. Without a residency limit every expert is resident and slot == bank index. With

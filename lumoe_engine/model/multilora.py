@@ -16,8 +16,14 @@ Paths, chosen per call:
 - inference (no autograd needed): the dispatched ``lora_shrink_expand`` (small T, no metadata) or ``lora_shrink`` +
   ``lora_expand`` over the step's metadata, added in place into the base output;
 - autograd (training, or gradients wanted through x): ``ops.grouped_lora``, out of place.
-A ``TrainableExpert`` in the context (one rank-r LoRA per wrapped module, parameters A/B) is added for every row
-through ``ops.grouped_lora``, so a new expert trains through the same kernels it will later be served by.
+A ``TrainableExpert`` in the context (one rank-r LoRA per wrapped module, parameters A/B, fp32 master weights cast to
+the base's compute dtype in the forward) is added for every row through ``ops.grouped_lora``, so a new expert trains
+through the same kernels it will later be served by. ``set_always(slots)`` applies bank experts to every token of
+every forward (the sequential baselines on a 4-bit base: the merge without editing the weights).
+
+The bank should live on the model's device in its compute dtype (``model.placement``): the layers then read its
+stacks as views; otherwise each layer keeps a converted copy, rebuilt on every bank change (counted in
+``LoRAContext.stack_copies``).
 
 Works over ``nn.Linear`` and bitsandbytes ``Linear4bit`` bases (anything with ``in_features``/``out_features`` that
 maps ``[..., H] -> [..., N]``).

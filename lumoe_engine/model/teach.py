@@ -42,6 +42,12 @@ Generalisation levers (``TeachConfig``), measured on the embedded default (tiny 
 - synonym swaps from a generic table (``synonym_prob``), image augmentation (``image_augment``: random crop, colour
   jitter): no measurable gain on held-out phrasing (one seed); fresh images are already >= 0.92 without them.
 
+A given checkpoint (``model``): taught only through one LoRA (rank ``model_lora_rank`` on every LM linear, fp32 master
+weights, the base frozen) merged into its weights at the end (``model_teaching="lora"``, ``run.py teach --model``);
+never fully fine-tuned. ``model_teaching="none"`` (what the stream uses: a real checkpoint is used as it is) or a
+4-bit base only measures it. ``--data`` with missing image files is an error naming them unless
+``allow_surrogate_images`` (``check_images``).
+
 Cache: the taught model, processor and summary are stored under ``cache_dir/taught/<hash>/`` (hash of the config and
 of the data: every record's fields and image file sizes), written to a temporary folder and renamed into place; a
 second ``teach`` with the same config and data loads them (``summary["cached"] = True``).

@@ -17,10 +17,16 @@
 5. the trained weights come back as a bank ``Expert`` (id = request id) with metadata (method, loss, steps, lr, final
    loss parts, seconds); the caller saves it (``ExpertBank.add``).
 
+Precision: the expert's A/B are fp32 master weights on the base's device; a 16-bit base computes the LoRA in its own
+dtype from them (``torch.autocast`` on CUDA), gradients and AdamW stay fp32; the returned ``Expert`` is in the base's
+compute dtype (the dtype it is served and planned in).
+
 Optimizer: plain torch AdamW with gradient clipping, or DeepSpeed ZeRO when the process was started by the
-``deepspeed`` launcher (``ds_config.launched_by_deepspeed()``): ``deepspeed.initialize`` over ``ExpertModule`` (a small
-module holding the expert's A/B and calling the wrapped model), gloo on CPU / nccl on CUDA; every rank draws the same
-global batch and trains on its shard of the rows (rows ``rank::world``); gradients are averaged by DeepSpeed.
+``deepspeed`` launcher (``ds_config.launched_by_deepspeed()``) and ``use_deepspeed`` is not False:
+``deepspeed.initialize`` over ``ExpertModule`` (a small module holding the expert's A/B and calling the wrapped model),
+gloo on CPU / nccl on CUDA; every rank draws the same global batch and trains on its shard of the rows (rows
+``rank::world``); gradients are averaged by DeepSpeed. Request-parallel training (``stream.parallel``) calls it with
+``use_deepspeed=False`` on every rank for a different request: each trains alone, exactly as one process would.
 
 Letters: B rows of a global batch, W ranks, r LoRA rank, H input features, N output features.
 """
