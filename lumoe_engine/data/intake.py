@@ -530,10 +530,15 @@ def _loss(value, has_retain: bool, ctx: _Ctx) -> Optional[dict]:
         raise ctx.fail("loss.name", "the loss has no 'name'", f"add \"name\": one of {sorted(LOSSES)}")
     if value["name"] not in LOSSES:
         raise ctx.fail("loss.name", f"loss {value['name']!r} is not known", f"use one of {sorted(LOSSES)}")
+    texts = ("name", "refusal")  # the options that are text (refusal: None = the varied refusals)
     for k, v in value.items():
-        if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if k == "refusal":
+            if v is not None and (not isinstance(v, str) or not v.strip() or len(v) > MAX_TEXT_CHARS):
+                raise ctx.fail("loss.refusal", f"loss option refusal = {v!r:.40} is not a text",
+                               f"write the refusal an expert answers (1 to {MAX_TEXT_CHARS} characters) or null")
+        elif k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ctx.fail(f"loss.{k}", f"loss option {k} = {v!r:.40} is not a number", "write a finite number")
-    cfg = LossConfig(**{k: (float(v) if k != "name" else v) for k, v in value.items()})
+    cfg = LossConfig(**{k: (float(v) if k not in texts else v) for k, v in value.items()})
     try:
         cfg.validate()
     except ValueError as e:
@@ -543,7 +548,7 @@ def _loss(value, has_retain: bool, ctx: _Ctx) -> Optional[dict]:
         raise ctx.fail("retain", f"loss {cfg.name!r} needs a retain set and the request has none",
                        "add \"retain\": [QA items] (knowledge to keep), or use 'ga', 'npo', 'idk' or 'idk-po'")
     out = dataclasses.asdict(cfg)
-    return {k: (float(v) if k != "name" else v) for k, v in out.items()}
+    return {k: (float(v) if k not in texts else v) for k, v in out.items()}
 
 
 def _items(value, split: str, base_dir: Path, ctx: _Ctx, cache: dict) -> list[QAItem]:
