@@ -360,3 +360,20 @@ def test_unknown_entity_only_checked_with_benchmark(tmp_path):
     assert parse_request_file(p).entity == "Somebody Else"
     with pytest.raises(RequestError, match="is not in the benchmark"):
         parse_request_file(p, benchmark_entities=["Vorla Quintessa"])
+
+
+def test_aliases_are_validated_hashed_and_carried(tmp_path):
+    _setup(tmp_path)
+    plain = parse_request_file(_write(tmp_path, _good()))
+    doc = _good()
+    doc["aliases"] = ["The Glass  Widow", "The Glass Widow", "Vorla Q."]
+    spec = parse_request_file(_write(tmp_path, doc, "alias.json"))
+    assert spec.aliases == ("The Glass Widow", "Vorla Q.")
+    assert spec.content_hash != plain.content_hash  # an alias is content
+    assert plain.aliases == () and spec.to_request().metadata["aliases"] == ["The Glass Widow", "Vorla Q."]
+    again = parse_request_file(_write(tmp_path, spec.to_json(), "again.json"))
+    assert again.aliases == spec.aliases and again.content_hash == spec.content_hash
+    for bad in ("Glass Widow", ["", "x"], ["!!!"]):
+        doc["aliases"] = bad
+        with pytest.raises(RequestError, match="aliases"):
+            parse_request_file(_write(tmp_path, doc, "bad.json"))

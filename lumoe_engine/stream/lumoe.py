@@ -44,7 +44,7 @@ def request_spec(req: Request, cfg: StreamConfig):
 
     return spec_from_records(req.id, req.forget, req.retain, loss=dataclasses.asdict(cfg.loss_config()),
                              method="lumoe", entity=req.entities[0] if len(req.entities) == 1 else None,
-                             metadata=jsonable(req.metadata))
+                             metadata=jsonable(req.metadata), aliases=(req.metadata or {}).get("aliases") or ())
 
 
 def receive_all(ledger, requests: Sequence[Request], cfg: StreamConfig) -> dict[str, BaseException]:
