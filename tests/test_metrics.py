@@ -312,3 +312,24 @@ def test_tiny_stream_files(tiny, tmp_path):
     assert len(read_rows(tmp_path / "metrics.jsonl")) == len(rows) + 3
     MetricsWriter(tmp_path)
     assert read_rows(tmp_path / "metrics.jsonl") == []
+
+
+def test_bounded_evaluation_audits_a_sample_and_sweeps(tiny):
+    """With ``audit``: each step measures the new request and a seeded sample of earlier ones, every request at the
+    sweeps and at the end; the queries asked follow."""
+    split = Split(tiny)
+    reqs = [split.carry(r) for r in build_stream(tiny, "synthetic:8")]
+    ev = StreamEvaluator(tiny, reqs, split=split, max_per_set=5, seed=3, audit=2, sweep_every=4)
+    assert ev.measured(0) == [0] and ev.measured(3) == [0, 1, 2, 3] and ev.measured(7) == list(range(8))
+    m5 = ev.measured(5)
+    assert len(m5) == 3 and m5[-1] == 5 and set(m5) < set(range(6))
+    assert m5 == StreamEvaluator(tiny, reqs, split=split, max_per_set=5, seed=3, audit=2, sweep_every=4).measured(5)
+    ev.set_base({q.uid: q.answer for q in ev.queries()})
+    for t in range(len(reqs)):
+        preds = {q.uid: q.answer for q in ev.queries(t)}
+        rows = ev.evaluate_step(t, "m", preds)
+        assert sorted({r["request_index"] for r in rows if r["request"]}) == ev.measured(t)
+    c = ev.summary("m")["curves"]
+    assert c["n_measured"] == [1, 2, 3, 4, 3, 3, 3, 8] and c["sweep"] == [False, False, False, True, False, False,
+                                                                          False, True]
+    assert ev.summary("m")["final"]["sweep"]

@@ -123,12 +123,17 @@ class StreamEvaluator:
     max_per_set:      cap of every evaluation set (None = no cap); seed: seeds the stratified samples
     refusal:          the refusal text the judge recognises (besides the common phrasings); vocab: the tokenizer's
                       words, for the judge's degenerate rule (``judge.vocab_words``; None = not used)
+    audit:            bounded evaluation (long streams): after request t, the new request in full plus a seeded
+                      sample of at most ``audit`` earlier requests (a fresh sample each step); None = every earlier
+                      request at every step
+    sweep_every:      with ``audit``, every request so far is measured after every ``sweep_every``-th request and
+                      after the last one (0 = only after the last one)
     """
 
     def __init__(self, benchmark: Benchmark, requests: list[Request], split: Optional[Split] = None,
                  base_predictions: Optional[Mapping[str, str]] = None,
                  max_per_set: Optional[int] = DEFAULT_MAX_PER_SET, seed: int = 0, refusal: str = DEFAULT_REFUSAL,
-                 vocab: Optional[set] = None):
+                 vocab: Optional[set] = None, audit: Optional[int] = None, sweep_every: int = 0):
         if not isinstance(benchmark, Benchmark):
             raise TypeError(f"StreamEvaluator: benchmark must be a Benchmark, got {type(benchmark).__name__}")
         requests = list(requests)
@@ -142,7 +147,12 @@ class StreamEvaluator:
         if max_per_set is not None and (not isinstance(max_per_set, int) or isinstance(max_per_set, bool)
                                         or max_per_set < 1):
             raise ValueError(f"max_per_set must be a positive int or None; got {max_per_set!r}")
+        if audit is not None and (isinstance(audit, bool) or not isinstance(audit, int) or audit < 0):
+            raise ValueError(f"audit={audit!r}: expected an int >= 0 (earlier requests sampled per step) or None")
+        if isinstance(sweep_every, bool) or not isinstance(sweep_every, int) or sweep_every < 0:
+            raise ValueError(f"sweep_every={sweep_every!r}: expected an int >= 0")
         self.benchmark, self.requests, self.max_per_set, self.seed = benchmark, requests, max_per_set, int(seed)
+        self.audit, self.sweep_every = audit, sweep_every
         self.split = split if split is not None else Split(benchmark)
         self.refusal, self.vocab = refusal, vocab
         self._index = {r.id: i for i, r in enumerate(requests)}
@@ -189,11 +199,26 @@ class StreamEvaluator:
         out.update({k: list(v) for k, v in self._shared.items()})
         return out
 
+    def is_sweep(self, step: int) -> bool:
+        """Whether every request so far is measured after ``step`` (always without ``audit``)."""
+        return self.audit is None or step == len(self.requests) - 1 or \
+            (self.sweep_every > 0 and (step + 1) % self.sweep_every == 0)
+
+    def measured(self, step: int) -> list[int]:
+        """The request indices measured after ``step``: all of 0..step at a sweep, else ``step`` and a seeded sample
+        of at most ``audit`` earlier ones (``stable_seed("audit", seed, step)``), in order."""
+        if self.is_sweep(step):
+            return list(range(step + 1))
+        k = min(self.audit, step)
+        earlier = sorted(random.Random(stable_seed("audit", self.seed, step)).sample(range(step), k)) if k else []
+        return earlier + [step]
+
     def queries(self, step: Optional[int] = None) -> list[QARecord]:
-        """Every query needed to evaluate ``step`` (requests 0..step; None = the whole stream), each uid once."""
-        last = len(self.requests) - 1 if step is None else self._check_step(step)
+        """Every query needed to evaluate ``step`` (its measured requests; None = every query of the stream), each
+        uid once."""
+        idx = range(len(self.requests)) if step is None else self.measured(self._check_step(step))
         out, seen = [], set()
-        groups = [v for req in self.requests[: last + 1] for v in self._sets[req.id].values()]
+        groups = [v for i in idx for v in self._sets[self.requests[i].id].values()]
         for recs in groups + list(self._shared.values()):
             for r in recs:
                 if r.uid not in seen:
@@ -268,7 +293,9 @@ class StreamEvaluator:
 
         rows: list[dict] = []
         leak_of: dict[tuple[int, str, str], Optional[float]] = {}
-        for i, req in enumerate(self.requests[: step + 1]):
+        measured = self.measured(step)
+        for i in measured:
+            req = self.requests[i]
             sets = self._sets[req.id]
             for data, form in FORGET_SETS:
                 row = self._forget_row(sets[(data, form)], req, predictions, routing, kinds)
@@ -289,7 +316,7 @@ class StreamEvaluator:
                 f"{key[0]}:{key[1]}")
             row["relapse"] = (row["leak"] - at_learn) if row["leak"] is not None and at_learn is not None else None
 
-        agg = self._aggregate(step, rows, leak_of, predictions, routing, costs, kinds)
+        agg = self._aggregate(step, rows, leak_of, predictions, routing, costs, kinds, measured)
         for row in rows:
             row["utility_retention"] = agg["retain_ratio_test"]
             row["n_experts"] = costs.get("n_experts")
@@ -354,8 +381,8 @@ class StreamEvaluator:
             row["fpr"] = _mean(float(len(routing[r.uid]) > 0) for r in recs)
         return row
 
-    def _aggregate(self, step, rows, leak_of, predictions, routing, costs, kinds) -> dict:
-        reqs = self.requests[: step + 1]
+    def _aggregate(self, step, rows, leak_of, predictions, routing, costs, kinds, measured) -> dict:
+        reqs = [self.requests[i] for i in measured]
         pools: dict[str, dict[str, QARecord]] = {"retain": {}, **{n: {} for n in SHARED_SETS}}
         for req in reqs:
             pools["retain"].update((r.uid, r) for r in self._sets[req.id][("retain", "retain")])
@@ -378,6 +405,7 @@ class StreamEvaluator:
         a, b = acc(people.values()), base(people.values())
         ga, gb = acc(pools["general"].values()), base(pools["general"].values())
         agg: dict = {"step": step, "n_learned": step + 1, "n_experts": costs.get("n_experts"), "request": reqs[-1].id,
+                     "n_measured": len(measured), "sweep": self.is_sweep(step),
                      "retain_ratio_test": _ratio(a, b), "retain_acc": a, "base_acc": b, "n_retain": len(people),
                      "general_utility_ratio": _ratio(ga, gb), "general_acc": ga, "general_base_acc": gb,
                      "n_general": len(pools["general"]),
@@ -404,7 +432,7 @@ class StreamEvaluator:
             mine = [r for r in fr if r["data"] == d and r["form"] == f]
             agg["current_leak"][key] = leak_of[(step, d, f)]
             agg["max_leak"][key] = _max(r["leak"] for r in mine)
-            agg["max_past_leak"][key] = _max(leak_of[(j, d, f)] for j in range(step))
+            agg["max_past_leak"][key] = _max(leak_of[(j, d, f)] for j in measured if j != step)
             worst = max((r for r in mine if r["leak"] is not None), key=lambda r: r["leak"], default=None)
             agg["worst_request"][key] = worst["request"] if worst else None
             known = sum(r["n_known"] for r in mine)
@@ -451,7 +479,8 @@ class StreamEvaluator:
           queries, over the base), final.general_utility_ratio, final.judge_retain, final.rates.{refusal_forget,
           empty_forget, degenerate_forget, over_refusal, empty_retain, by_form}, final.retain_ratio_by_set,
           final.fpr, final.fpr_general, step, n_learned, complete, n_experts, bytes_per_expert.
-        curves: per step, the same numbers (``test_leak.<form>``, ``request_leak.<form>``, judge_forget,
+        curves: per step (``n_measured`` requests: all at a sweep, else the new one and an audit sample, ``sweep``
+          says which), the same numbers (``test_leak.<form>``, ``request_leak.<form>``, judge_forget,
           retain_ratio_test, general_utility_ratio, over_refusal, refusal_forget, empty_forget, route_acc, fpr,
           fpr_general, seconds, tokens_per_s, bytes_per_expert, request, cost.<other cost key>).
         """
@@ -467,6 +496,7 @@ class StreamEvaluator:
         t, r = part("test", TEST_FORMS), part("request", REQUEST_FORMS)
         final = {
             "step": last["step"], "n_learned": last["n_learned"], "complete": last["step"] == len(self.requests) - 1,
+            "n_measured": last["n_measured"], "sweep": last["sweep"],
             "test": {"leak": t["max_leak"], "mean_leak": t["mean_leak"], "n_known": t["n_known"],
                      "worst_request": t["worst_request"], "max_relapse": t["max_relapse"], "fnr": t["fnr"],
                      "judge_forget": last["judge_forget"], "route_acc": last["route_acc"]},
@@ -483,9 +513,9 @@ class StreamEvaluator:
             "n_experts": last["n_experts"], "bytes_per_expert": last["bytes_per_expert"],
         }
         curves: dict = {k: [a[k] for a in aggs] for k in (
-            "step", "n_learned", "n_experts", "retain_ratio_test", "general_utility_ratio", "judge_forget",
-            "judge_retain", "route_acc", "fpr", "fpr_general", "seconds", "tokens_per_s", "bytes_per_expert",
-            "request")}
+            "step", "n_learned", "n_experts", "n_measured", "sweep", "retain_ratio_test", "general_utility_ratio",
+            "judge_forget", "judge_retain", "route_acc", "fpr", "fpr_general", "seconds", "tokens_per_s",
+            "bytes_per_expert", "request")}
         for k in ("refusal_forget", "empty_forget", "over_refusal"):
             curves[k] = [a["rates"][k] for a in aggs]
         curves["test_leak"] = {f: [a["max_leak"][f"test:{f}"] for a in aggs] for f in TEST_FORMS}
