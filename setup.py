@@ -37,7 +37,7 @@ setup(
         "lumoe_engine.stream",
     ],
     package_dir={"lumoe_engine.kernels": "kernels", "lumoe_engine.csrc": "csrc"},
-    package_data={"lumoe_engine.csrc": ["*.cpp", "*.h"]},
+    package_data={"lumoe_engine.csrc": ["*.cpp", "*.h"], "lumoe_engine.stream": ["hyperparameters.json"]},
     install_requires=_requirements(),
     entry_points={"console_scripts": ["lumoe=lumoe_engine.run:main"]},
 )

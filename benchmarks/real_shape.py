@@ -122,7 +122,7 @@ def _scatter_directions(z, k):
 
 def run(args) -> dict:
     from lumoe_engine.data.mlubench import load_benchmark, load_image
-    from lumoe_engine.data.streams import build_stream
+    from lumoe_engine.data.streams import Request
     from lumoe_engine.engine import LUMoEEngine
     from lumoe_engine.gate import gate as gate_mod
     from lumoe_engine.gate.config import gate_preset
@@ -137,6 +137,7 @@ def run(args) -> dict:
     from lumoe_engine.model.shapes import build_checkpoint, mini_texts, shape_preset, write_mini_benchmark
     from lumoe_engine.pipeline import FeatureCache, gate_training_set, request_names
     from lumoe_engine.stream import StreamConfig, run_stream
+    from lumoe_engine.stream.base import stream_setup
     from lumoe_engine.unlearn.trainer import RecordBatches
 
     t_all = time.perf_counter()
@@ -192,7 +193,9 @@ def run(args) -> dict:
     phase["load_4bit"] = round(time.perf_counter() - t0, 2)
     dev, dt = model_device(model), compute_dtype(model)
     bench = load_benchmark(data)
-    requests = build_stream(bench, "ab")
+    # the stream's requests as the run had them: the protocol's request data (``stream_setup``), its general pool
+    _, _, split, requests, _ = stream_setup(cfg, bench, proc, evaluate=False)
+    general = Request(id="_general", forget=[], retain=list(split.general_pool), entities=())
     img_rec = next(r for r in requests[0].forget if r.form == "image_text")
     n_img = image_token_count(proc)
     if n_img is None:  # LLaVA-NeXT: as many as the processor expands this picture to
@@ -212,7 +215,7 @@ def run(args) -> dict:
 
     # the first request's gate fit, after and before
     gcfg = cfg.gate_config()
-    gdata = gate_training_set(requests[0], [], requests, gcfg)
+    gdata = gate_training_set(requests[0], [], [requests[0], general], gcfg)  # as LUMoERunner.retain_sources
     t0 = time.perf_counter()
     feats = FeatureCache(model, proc, gate)
     pos, neg = feats(gdata.positives), feats(gdata.negatives)

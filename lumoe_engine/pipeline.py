@@ -41,6 +41,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from lumoe_engine.data.protocol import check_disjoint
 from lumoe_engine.data.records import QARecord
 from lumoe_engine.data.streams import Request
 from lumoe_engine.errors import ExpertCollapseError, RequestError
@@ -180,24 +181,32 @@ class RequestPipeline:
     train_cfg / loss_cfg: the expert budget and the default loss (a request may bring its own loss);
     ledger: a callable returning a context manager that yields the ``Ledger`` for one step (the stream holds one
         open: ``lambda: contextlib.nullcontext(ledger)``; the store opens it per event); None = no ledger;
-    collapse_tokens: answer length of the collapse guard's check; writer: this process writes ledger, bank, gate.
+    collapse_tokens: answer length of the collapse guard's check; writer: this process writes ledger, bank, gate;
+    test_keys: the (image, question) of every test query (``data.protocol.Split.test_keys``): a request whose data,
+        or whose gate training set, holds one fails with ``ProtocolError`` before it reaches trainer or gate.
     """
 
     def __init__(self, engine, bank, gate, gate_dir, gate_config: GateConfig, train_cfg: TrainConfig,
                  loss_cfg: LossConfig, ledger: Optional[Callable[[], ContextManager]] = None,
-                 collapse_tokens: int = 16, writer: bool = True, method: str = "lumoe"):
+                 collapse_tokens: int = 16, writer: bool = True, method: str = "lumoe",
+                 test_keys: Optional[set] = None):
         self.engine, self.bank, self.gate, self.gate_dir = engine, bank, gate, gate_dir
         self.gate_config, self.train_cfg, self.loss_cfg = gate_config, train_cfg, loss_cfg
         self._ledger = ledger
         self.collapse_tokens, self.writer, self.method = int(collapse_tokens), bool(writer), method
         self.features = FeatureCache(engine.model, engine.processor, gate) if gate is not None else None
+        self.test_keys = test_keys
 
     # ------------------------------------------------------------------------------------------------ pieces
     def ledger(self) -> ContextManager:
         return self._ledger() if (self._ledger is not None and self.writer) else contextlib.nullcontext(None)
 
     def gate_data(self, request: Request, learned: Sequence[Request], retain_sources: Sequence[Request]) -> GateData:
-        return gate_training_set(request, learned, retain_sources, self.gate_config)
+        data = gate_training_set(request, learned, retain_sources, self.gate_config)
+        if self.test_keys:
+            check_disjoint(data.positives + data.negatives, self.test_keys,
+                           f"request {request.id!r}: its gate training set")
+        return data
 
     def warm_features(self, request: Request, learned: Sequence[Request], retain_sources: Sequence[Request]) -> None:
         """Compute (cache) the gate features of ``request``'s training set as ``learn`` did: a resumed stream
@@ -220,11 +229,19 @@ class RequestPipeline:
         out(f"{rid}: expert already in the bank (an earlier run stopped after saving it): not trained again")
         return True
 
+    def check_request_data(self, request: Request) -> None:
+        """``ProtocolError`` when the request's forget or retain data holds a test query (``test_keys``): checked
+        before any training, on every rank (request-parallel ranks train without ``learn``'s own check)."""
+        if self.test_keys:
+            check_disjoint(list(request.forget) + list(request.retain), self.test_keys,
+                           f"request {request.id!r}: its forget and retain data")
+
     def train(self, request: Request, loss_cfg: Optional[LossConfig] = None, use_deepspeed: Optional[bool] = None):
         """The training step alone: a NEW expert for ``request`` on the frozen base -> (Expert, stats). Request-
         parallel training runs it on every rank for a different request, then hands each result to ``learn``
         (``trained=``) on the writer, in ledger order. ``use_deepspeed``: as ``train_expert`` (False: this process
         trains alone, whatever launched it)."""
+        self.check_request_data(request)
         model, processor, ctx = self.engine.model, self.engine.processor, self.engine.ctx
         return train_expert(model, processor, ctx, request, loss_cfg or self.loss_cfg, self.train_cfg,
                             method=self.method, use_deepspeed=use_deepspeed)
@@ -255,6 +272,7 @@ class RequestPipeline:
                     led.advance(rid, "training")
             if validate is not None:
                 validate(request)
+            self.check_request_data(request)
             held = self.writer and self._expert_held(rid, content_hash, out)
             if held:
                 with self.ledger() as led:

@@ -165,12 +165,20 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="the gate's configuration (lumoe_engine/gate/config.py); the gate flags below override it")
     g.add_argument("--gate-layer", type=int, default=None, help="gate decoder layer (default: the preset's rule)")
     g.add_argument("--target-fpr", type=float, default=None, help="per-head false-positive target (default 0.005)")
-    g.add_argument("--gate-negatives", default=d.gate_negatives, choices=("stream", "seen"),
-                   help="retain queries a new gate head sees: of every request of the stream, or of those so far")
     g.add_argument("--no-gate-image", action="store_true",
                    help="no image channel: a query with an image is routed by the heads over its pooled prompt")
     g.add_argument("--no-gate-names", action="store_true",
                    help="no name channel: a query naming a forgotten entity is routed by its pooled features alone")
+    g.add_argument("--refusal", default=d.refusal, help=f"what a forgotten query answers (default {d.refusal!r})")
+    g.add_argument("--seeds", default="", metavar="S,S,...",
+                   help="run the whole chain (world, teaching, protocol, stream) for each seed into OUT/seed-<s> and "
+                        "report mean/min/max over them (e.g. 1,2,3; seed 0 is the development seed)")
+    g.add_argument("--carry-families", type=float, default=d.carry_families,
+                   help="share of an entity's taught wordings a request carries (the rest is test data)")
+    g.add_argument("--carry-pictures", type=float, default=d.carry_pictures,
+                   help="share of an entity's taught pictures a request carries (the rest is test data)")
+    g.add_argument("--general-pool", type=int, default=d.general_pool,
+                   help="taught general queries the gate may use as negatives (the rest is test data)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     g.add_argument("--parallel", default=d.parallel, choices=("requests", "data"),
                    help="under deepspeed with N ranks: train N requests at once, one expert per rank (default), or "
@@ -211,10 +219,24 @@ def stream_config_from_args(args: argparse.Namespace):
                         baseline_lr=get("baseline_lr"), rank=get("rank"),
                         alpha=get("alpha"), batch_size=get("batch_size"), loss=get("loss"),
                         retain_weight=get("retain_weight"), zero_stage=get("zero_stage"), gate=gate,
-                        gate_negatives=get("gate_negatives"), threads=get("threads"), parallel=get("parallel"),
+                        refusal=get("refusal"), seeds=parse_seeds(getattr(args, "seeds", "") or ""),
+                        carry_families=get("carry_families"), carry_pictures=get("carry_pictures"),
+                        general_pool=get("general_pool"), threads=get("threads"), parallel=get("parallel"),
                         allow_surrogate_images=bool(get("allow_surrogate_images")),
                         teach_overrides=parse_overrides(getattr(args, "teach", None) or []),
                         progress=not getattr(args, "no_progress", False), resume=bool(get("resume")))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"1,2,3" -> [1, 2, 3] (ValueError naming the bad item)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit():
+            raise ValueError(f"--seeds {text!r}: {item!r} is not a non-negative int; pass e.g. --seeds 1,2,3")
+        out.append(int(item))
+    return out
 
 
 def parse_overrides(items) -> dict:
@@ -243,7 +265,7 @@ def cmd_stream(args):
     from lumoe_engine.ledger import LedgerCorruptError, LedgerLockedError
 
     try:
-        return stream.run_stream(stream_config_from_args(args))
+        return stream.run_seeds(stream_config_from_args(args))
     except (stream.ResumeError, LedgerLockedError, LedgerCorruptError) as e:
         # the run's files were not changed: say why and what to do, without a traceback
         return _fail(str(e))

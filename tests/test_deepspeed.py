@@ -5,6 +5,7 @@ Runs ``deepspeed --num_gpus 2 lumoe_engine/run.py`` as a subprocess on the micro
 benchmark (stream "ab": 2 requests, 3 steps each). About 1.5-2 minutes on 2 shared CPU cores, most of it process start,
 ``import deepspeed`` and ``deepspeed.initialize`` per request.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     rows = read_rows(out / "metrics.jsonl")
     steps = [r["step"] for r in rows]
     assert sorted(set(steps)) == [0, 1]
-    assert len(rows) == len({(r["step"], r["request"], r["set"], r["form"]) for r in rows})  # no duplicate rows
+    assert len(rows) == len({(r["step"], r["request"], r["set"], r["data"], r["form"]) for r in rows})  # no duplicates
     assert sorted(p.name for p in out.glob("metrics*")) == ["metrics.jsonl"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["world_size"] == 2
@@ -62,7 +63,6 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
 
     # the two ranks together trained exactly what one process trains on the whole batch (gradients averaged over
     # equal shards = the full batch's mean; the same clipping and AdamW)
-    from lumoe_engine.data.streams import build_stream
     from lumoe_engine.model.bank import ExpertBank
     from lumoe_engine.model.teach import load_data, teach
     from lumoe_engine.gate.gate import Gate
@@ -79,7 +79,10 @@ def test_two_cpu_ranks_one_bank_one_metrics_file(tmp_path):
     gate = Gate.from_config(cfg.gate_config(), model)
     n_layers = len(model.model.language_model.layers)
     ctx = wrap_model(model, ExpertBank(None), layers=range(gate.layer + 1, n_layers))
-    plain, _ = train_expert(model, processor, ctx, build_stream(bench, "ab")[0], cfg.loss_config(),
+    from lumoe_engine.stream.base import stream_setup
+
+    request = stream_setup(dataclasses.replace(cfg, stream="ab"), bench, processor, evaluate=False)[3][0]
+    plain, _ = train_expert(model, processor, ctx, request, cfg.loss_config(),
                             cfg.train_config(), use_deepspeed=False)
     ds = ExpertBank.open(out / "bank").get("taskA")
     worst = max(float((plain.weights[m][i] - ds.weights[m][i]).abs().max()) for m in plain.weights for i in (0, 1))

@@ -348,45 +348,49 @@ def test_build_and_score_on_entity_clusters(micro, head):
     """The evaluation's bookkeeping (request streams, negatives, held-out shares, metrics) on features that make every
     entity its own cluster: every forget query must reach its request's expert, nothing else may fire."""
     from lumoe_engine.gate.config import gate_preset
+    from lumoe_engine.data.protocol import TEST_FORMS
     from lumoe_engine.gate.evaluate import build_and_score, plain, record_sets, requests_for
 
     bounded = plain(gate_preset("strict", layer=1, pooling="mean", head=head, image=False))
     unbounded = dataclasses.replace(bounded, similarity=None)
 
     _, _, bench = micro
-    sets = record_sets(bench, retain_eval_share=0.3, seed=0)
-    ents = sorted(sets["by_entity"])
+    sets = record_sets(bench)
+    split = sets["split"]
+    ents = sorted(split.by_entity)
     C = _centers(len(ents), 128, seed=11, radius=8.0)
-    recs = [r for e in ents for r in sets["by_entity"][e]]
+    recs = list(bench.records)
     index = {r.uid: i for i, r in enumerate(recs)}
     g = torch.Generator().manual_seed(0)
     feats = torch.stack([C[ents.index(r.entity)] + 0.3 * torch.randn(128, generator=g) for r in recs])
     forgotten = {e for t in sets["tasks"] for e in sets["forget"][t]}
     assert sets["unrequested"] and not {r.entity for r in sets["unrequested"]} & forgotten
-    assert not {r.uid for r in sets["retain_eval"]} & {r.uid for t in sets["tasks"] for r in sets["retain_train"][t]}
+    train = {r.uid for t in sets["tasks"] for r in sets["retain_train"][t]} | {r.uid for v in sets["train"].values()
+                                                                                for r in v}
+    assert not {r.uid for r in sets["retain_eval"] + sets["unrequested"]} & train  # test data never trains
+    measured = [f for f in TEST_FORMS if any(sets["test"][e][f] for e in forgotten)]
+    assert {"image_text", "text_only", "reworded", "fresh_scene"} <= set(measured)
     for setting, n in (("per_task", len(sets["tasks"])), ("per_entity", len(forgotten))):
         assert len(requests_for(sets, setting)) == n
         gate, m = build_and_score(feats, index, sets, setting, unbounded)
-        print(setting, {k: m[k] for k in ("route_acc_image_text", "route_acc_paraphrase", "fpr_retain",
+        print(setting, {k: m[k] for k in ("route_acc_image_text", "route_acc_reworded", "fpr_retain",
                                           "fpr_unrequested")})
         assert m["n_experts"] == n == len(gate)
-        for k in ("image_text", "text_only", "fresh_images", "paraphrase"):
+        for k in measured:
             assert m[f"route_acc_{k}"] == 1.0 and m["fnr"][k] == 0.0
         assert m["fpr_retain"] == 0.0 and m["fpr_unrequested"] == 0.0 and m["wrong_expert"] == 0
-        assert m["meets_targets"]
-        # with the similarity bound (default): isotropic noise puts a few fresh queries under the bound; nothing
-        # else may fire
+        # with the similarity bound (default): isotropic noise puts some fresh queries under the bound (its
+        # prototypes cover the request data alone: about half an entity's taught records); nothing else may fire
         _, mb = build_and_score(feats, index, sets, setting, bounded)
-        assert mb["route_acc_image_text"] >= 0.97 and mb["route_acc_paraphrase"] >= 0.95, mb
+        assert mb["route_acc_image_text"] >= 0.75 and mb["route_acc_reworded"] >= 0.75, mb
         assert mb["fpr_retain"] == 0.0 and mb["fpr_unrequested"] == 0.0 and mb["wrong_expert"] == 0
     # swapping two entities' features across requests must show up as misrouting
     swapped = feats.clone()
     a, b = sorted(sets["forget"][sets["tasks"][0]])[0], sets["forget"][sets["tasks"][1]][0]
-    for r in sets["by_entity"][a]:
-        if r.heldout_phrasing:
-            swapped[index[r.uid]] = C[ents.index(b)]
+    for r in sets["test"][a]["reworded"]:
+        swapped[index[r.uid]] = C[ents.index(b)]
     _, m = build_and_score(swapped, index, sets, "per_task", unbounded)
-    assert m["route_acc_paraphrase"] < 1.0 and m["wrong_expert"] > 0
+    assert m["route_acc_reworded"] < 1.0 and m["wrong_expert"] > 0
 
 
 def test_sub_heads_route_save_and_remove(tmp_path):

@@ -66,7 +66,8 @@ def test_parse_both_forms_and_records(tmp_path):
     _setup(tmp_path)
     spec = parse_request_file(_write(tmp_path, _good()), benchmark_entities={"Vorla Quintessa": "Personage"})
     assert spec.id == "r17" and spec.id_given and spec.method == "lumoe" and spec.entity == "Vorla Quintessa"
-    assert spec.loss == {"name": "npo", "beta": 0.2, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 1.0}
+    assert spec.loss == {"name": "npo", "beta": 0.2, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 1.0,
+                         "refusal": None}
     assert [it.form for it in spec.forget] == ["image_text", "image_text", "text_only"]
     assert spec.forget[0].image == str(tmp_path / "img" / "a.png")  # relative to the request file's folder
     assert spec.forget[0].image_sha256 == hashlib.sha256(_png((200, 10, 10))).hexdigest()
@@ -343,7 +344,8 @@ def test_file_too_large(tmp_path, monkeypatch):
 def test_loss_as_a_name(tmp_path):
     _setup(tmp_path)
     spec = parse_request_file(_write(tmp_path, _good(loss="idk")))
-    assert spec.loss == {"name": "idk", "beta": 0.1, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 1.0}
+    assert spec.loss == {"name": "idk", "beta": 0.1, "forget_weight": 1.0, "retain_weight": 1.0, "kl_weight": 1.0,
+                         "refusal": None}
     assert spec.loss_config().name == "idk"
     assert parse_request_file(_write(tmp_path, _good(loss=None))).loss_config() is None
 
@@ -358,3 +360,20 @@ def test_unknown_entity_only_checked_with_benchmark(tmp_path):
     assert parse_request_file(p).entity == "Somebody Else"
     with pytest.raises(RequestError, match="is not in the benchmark"):
         parse_request_file(p, benchmark_entities=["Vorla Quintessa"])
+
+
+def test_aliases_are_validated_hashed_and_carried(tmp_path):
+    _setup(tmp_path)
+    plain = parse_request_file(_write(tmp_path, _good()))
+    doc = _good()
+    doc["aliases"] = ["The Glass  Widow", "The Glass Widow", "Vorla Q."]
+    spec = parse_request_file(_write(tmp_path, doc, "alias.json"))
+    assert spec.aliases == ("The Glass Widow", "Vorla Q.")
+    assert spec.content_hash != plain.content_hash  # an alias is content
+    assert plain.aliases == () and spec.to_request().metadata["aliases"] == ["The Glass Widow", "Vorla Q."]
+    again = parse_request_file(_write(tmp_path, spec.to_json(), "again.json"))
+    assert again.aliases == spec.aliases and again.content_hash == spec.content_hash
+    for bad in ("Glass Widow", ["", "x"], ["!!!"]):
+        doc["aliases"] = bad
+        with pytest.raises(RequestError, match="aliases"):
+            parse_request_file(_write(tmp_path, doc, "bad.json"))

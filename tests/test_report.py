@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from lumoe_engine.data.mlubench import load_benchmark
+from lumoe_engine.data.protocol import Split
 from lumoe_engine.data.streams import build_stream
 from lumoe_engine.data.synthetic import SyntheticConfig, write_synthetic
 from lumoe_engine.eval import report as report_mod
@@ -29,8 +30,9 @@ def _run(bench, spec, out, methods=("lumoe", "ga", "kl"), cap=12):
     ga:    forgets only the latest request (earlier ones relapse); loses a growing share of retained facts.
     kl:    forgets every learned entity; the retained facts it answers right grow step by step (rising retain).
     """
-    reqs = build_stream(bench, spec)
-    ev = StreamEvaluator(bench, reqs, max_per_set=cap, seed=1)
+    split = Split(bench)
+    reqs = [split.carry(r) for r in build_stream(bench, spec)]
+    ev = StreamEvaluator(bench, reqs, split=split, max_per_set=cap, seed=1)
     qs = ev.queries()
     ev.set_base({q.uid: q.answer for q in qs})
     owner = {e: r.id for r in reqs for e in r.entities}
@@ -54,7 +56,7 @@ def _run(bench, spec, out, methods=("lumoe", "ga", "kl"), cap=12):
                 routing[q.uid] = [owner[q.entity]] if q.entity in done else []
             cost = {"seconds": 1.0 + t, "bytes_per_expert": 2048, "tokens_per_s": 100.0}
             w.append(ev.evaluate_step(t, m, preds, routing if m == "lumoe" else None, cost))
-    w.write_evaluator(ev, config={"stream": spec, "benchmark": "synthetic:tiny"}, seeds={"eval": 1})
+    w.write_evaluator(ev, config={"stream": spec, "benchmark": "synthetic:tiny"}, seeds=[1])
     return json.loads((out / "summary.json").read_text()), read_rows(out / "metrics.jsonl")
 
 
@@ -70,8 +72,9 @@ def test_report_and_story(tiny, tmp_path):
         assert f"]({f.name})" in text  # figures linked
     fin = summary["methods"]["ga"]["final"]
     # the final-table row of ga carries its numbers
-    assert f"| ga | {fin['retain_ratio']:.3f} |" in text
-    assert f"{fin['max_forget_leak']['image_text']:.3f} ({fin['n_known']['image_text']})" in text
+    assert f"| ga | {fin['retain_ratio_test']:.3f} |" in text
+    assert f"{fin['test']['leak']['image_text']:.3f} ({fin['test']['n_known']['image_text']})" in text
+    assert "## Request data vs test data" in text
 
     lines = story(summary["methods"], rows)
     by = {m: [s for s in lines if s.startswith(m + ":")] for m in ("lumoe", "ga", "kl")}
@@ -80,7 +83,7 @@ def test_report_and_story(tiny, tmp_path):
     assert any("no relapse" in s for s in by["lumoe"]) and any("no relapse" in s for s in by["kl"])
     assert any("held between 1.000 and 1.000" in s for s in by["lumoe"])
     assert any("retain ratio rose from" in s for s in by["kl"])
-    assert any("gate sent 100.0% of forget queries" in s for s in by["lumoe"])
+    assert any("gate sent 100.0% of forget test queries" in s for s in by["lumoe"])
     assert not any("gate" in s for s in by["ga"])
     assert any("highest retain ratio is lumoe's (1.000)" in s for s in lines)
     assert any("seconds per request grew" in s for s in by["lumoe"])
@@ -94,7 +97,7 @@ def test_story_follows_the_numbers(tiny, tmp_path):
     calm = [dict(r, relapse=0.0) if r.get("relapse") is not None else r for r in rows]
     assert any("no relapse" in x for x in story({"ga": s}, calm))
     flat = json.loads(json.dumps(s))
-    flat["curves"]["retain_ratio"] = [0.9, 0.91]
+    flat["curves"]["retain_ratio_test"] = [0.9, 0.91]
     out = story({"ga": flat}, rows)
     assert any("held between 0.900 and 0.910" in x for x in out) and not any("fell from" in x for x in out)
 

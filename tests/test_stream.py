@@ -9,7 +9,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from faults import nan_for
 from lumoe_engine import pipeline
@@ -17,11 +16,11 @@ from lumoe_engine import run as run_mod
 from lumoe_engine import stream as stream_mod
 from lumoe_engine.stream import base as stream_base
 from lumoe_engine.data.streams import Request
-from lumoe_engine.eval.metrics import FORGET_FORMS, read_rows
+from lumoe_engine.data.protocol import TEST_FORMS, ProtocolError, Split
+from lumoe_engine.eval.metrics import FORGET_SETS, read_rows
 from lumoe_engine.model.bank import ExpertBank
 from lumoe_engine.gate.gate import Gate
 from lumoe_engine.ledger import Ledger
-from lumoe_engine.unlearn import baselines as baselines_mod
 
 TEACH = {"max_steps": 20, "eval_max_records": 40, "check_every": 1000}
 
@@ -66,8 +65,8 @@ def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monk
     doc = json.loads((out / "summary.json").read_text())
     assert doc == summary
     s = doc["methods"]["lumoe"]
-    assert set(s["final"]["max_forget_leak"]) >= {"image_text", "text_only", "paraphrase"}
-    assert "retain_ratio" in s["final"] and len(s["seconds_per_request"]) == 6
+    assert set(s["final"]["test"]["leak"]) == set(TEST_FORMS)
+    assert "retain_ratio_test" in s["final"] and len(s["seconds_per_request"]) == 6
     assert s["flat_cost"]["n"] == 2 and len(s["train_seconds_per_request"]) == 2
 
     # the four bad requests failed, each with its own clear error; the two good ones were learned
@@ -91,10 +90,10 @@ def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monk
     steps = sorted({r["step"] for r in rows if r["set"] != "failure"})
     assert steps == list(range(6))
     forget_rows = [r for r in rows if r["set"] == "forget"]
-    assert {r["form"] for r in forget_rows} == set(FORGET_FORMS)
+    assert {(r["data"], r["form"]) for r in forget_rows} == set(FORGET_SETS)
     assert all(r["route_acc"] is not None or r["n"] == 0 for r in forget_rows)
     conf = json.loads((out / "config.json").read_text())
-    assert conf["config"]["stream"] == "ab" and conf["seeds"]["stream"] == 0
+    assert conf["config"]["stream"] == "ab" and conf["seeds"] == [0]
     assert conf["config"]["requests"] == ["taskA", "bad-empty", "bad-unknown", "bad-image", "bad-nan", "taskB"]
     # the ledger: every request the intake accepts, with its state; the two it refuses never entered it
     with Ledger(out / "ledger", readonly=True) as led:
@@ -111,11 +110,59 @@ def test_stream_writes_every_output_and_skips_bad_requests(tmp_path, cache, monk
 
 def _task_b_forget(out):
     """The forget records of request taskB of the stream "ab" run in ``out`` (its saved config)."""
-    from lumoe_engine.data.streams import build_stream
     from lumoe_engine.model.teach import load_data
 
     cfg = stream_mod.saved_config(out)
-    return build_stream(load_data(cfg.teach_config(), cfg.cache), "ab")[1].forget
+    _, _, _, requests, _ = stream_base.stream_setup(cfg, load_data(cfg.teach_config(), cfg.cache), None,
+                                                    evaluate=False)
+    return requests[1].forget
+
+
+def test_no_test_query_reaches_trainer_gate_or_calibration(tmp_path, cache, monkeypatch):
+    """Every record the expert trainer trains on and every record whose gate features are computed (the gate's
+    positives, negatives and calibration rows) is request data or a general-pool query: no test query's (image,
+    question) pair. A test query slipped into a request makes that request fail (ProtocolError) with nothing of it
+    in the bank or the gate."""
+    trained, featured = [], []
+    real_train = pipeline.train_expert
+    real_call = pipeline.FeatureCache.__call__
+
+    def spy_train(model, processor, ctx, request, *a, **kw):
+        trained.extend(request.forget + request.retain)
+        return real_train(model, processor, ctx, request, *a, **kw)
+
+    def spy_features(self, records):
+        featured.extend(records)
+        return real_call(self, records)
+
+    monkeypatch.setattr(pipeline, "train_expert", spy_train)
+    monkeypatch.setattr(pipeline.FeatureCache, "__call__", spy_features)
+    out = tmp_path / "run"
+    stream_mod.run_stream(_cfg(out, cache, stream="ab", steps=1))
+    cfg = stream_mod.saved_config(out)
+    from lumoe_engine.model.teach import load_data
+
+    bench = load_data(cfg.teach_config(), cfg.cache)
+    eval_bench, _ = stream_base.evaluation_benchmark(bench, [])
+    keys = Split(eval_bench, cfg.protocol()).test_keys()
+    key = lambda r: (r.image if r.form == "image_text" else None, r.question)  # noqa: E731
+    assert trained and featured
+    assert not [r.uid for r in trained if key(r) in keys]
+    assert not [r.uid for r in featured if key(r) in keys]
+
+    # slip one of taskA's test queries into its forget data: the request fails, nothing of it is kept
+    def slip(requests, b):
+        split = Split(stream_base.evaluation_benchmark(b, [])[0], cfg.protocol())
+        test = split.test_sets(requests[0].entities)["reworded"][0]
+        return [dataclasses.replace(requests[0], forget=requests[0].forget + [test]), requests[1]]
+
+    out2 = tmp_path / "slipped"
+    summary = stream_mod.run_stream(_cfg(out2, cache, stream="ab", steps=1), edit_stream=slip)
+    fails = summary["failures"]["lumoe"]
+    assert [f["request"] for f in fails] == ["taskA"] and fails[0]["error_type"] == ProtocolError.__name__
+    assert "test queries" in fails[0]["error"]
+    assert list(ExpertBank.open(out2 / "bank").ids) == ["taskB"]
+    assert Gate.load(out2 / "gate").expert_ids == ["taskB"]
 
 
 def test_synthetic_streams_beyond_the_task_files():
@@ -145,10 +192,10 @@ def test_compare_puts_every_method_in_one_summary(tmp_path, cache, monkeypatch):
     assert list(summary["methods"]) == list(stream_mod.METHODS)
     for m, s in summary["methods"].items():
         fin = s["final"]
-        assert fin["complete"] and "retain_ratio" in fin, m
-        assert set(fin["max_forget_leak"]) >= {"image_text", "text_only", "paraphrase"}, m
+        assert fin["complete"] and "retain_ratio_test" in fin and "general_utility_ratio" in fin, m
+        assert set(fin["test"]["leak"]) == set(TEST_FORMS), m
         assert len(s["seconds_per_request"]) == 1 and s["failures"] == [], m
-        assert (fin["route_acc"] is None) == (m != "lumoe"), m  # only LUMoE routes
+        assert (fin["test"]["route_acc"] is None) == (m != "lumoe"), m  # only LUMoE routes
     report = (out / "report.md").read_text()
     assert all(f"| {m} |" in report for m in stream_mod.METHODS)
 
@@ -234,7 +281,9 @@ def test_given_checkpoint_is_used_as_it_is(tmp_path, cache, monkeypatch):
 
     monkeypatch.setattr("lumoe_engine.stream.driver.base_predictions", spy)
     out = tmp_path / "run"
-    summary = stream_mod.run_stream(_cfg(out, cache, stream="ab", model=str(ckpt)))
+    # random weights: at the stream's lr (1e-2) both 2-step experts fail the collapse guard on this checkpoint
+    # (measured: 8/8 and 7/8 gibberish answers), so a smaller lr keeps them; what is checked is the given-checkpoint path
+    summary = stream_mod.run_stream(_cfg(out, cache, stream="ab", model=str(ckpt), lr=1e-3))
     assert digest() == before
     assert summary["teach"]["model_dir"] == str(ckpt) and summary["teach"]["cached"] is False
     assert summary["config"]["teach_config"]["model_teaching"] == "none"

@@ -9,6 +9,7 @@ retain set, with an optional loss. docs/REQUESTS.md holds the full schema, examp
      "method": "lumoe",                 optional, one of METHODS
      "loss": {"name": "npo", "beta": 0.1, "forget_weight": 1, "retain_weight": 1, "kl_weight": 1},   optional
      "entity": "Vorla Quintessa",       optional; checked against the benchmark's entities when they are given
+     "aliases": ["The Glass Widow"],    optional; other names of the entity (the gate matches them as its name)
      "metadata": {...},                 optional, free JSON object (kept, not hashed)
      "content_hash": "<sha256>",        optional; when present it must match the content (integrity check)
      "format": "lumoe-request", "version": 1, "source": "..."   optional (written by the ledger's stored copy)}
@@ -25,7 +26,8 @@ paths are accepted). Every image is read once, hashed (sha256 of the file bytes)
 Identity: the **content hash** is the sha256 of a canonical JSON (sorted keys, no spaces, UTF-8) of the normalised
 content: the forget and the retain items as sets (question and answer NFC-normalised with whitespace runs collapsed,
 image = sha256 of its bytes, never its path; ``missing:<absolute path>`` for an image_missing item), the loss with
-every option filled in (None when absent) and the entity. The id, method, metadata, item ids and metas, file
+every option filled in (None when absent), the entity and its aliases (when there are any: a request without aliases
+hashes as it always did). The id, method, metadata, item ids and metas, file
 layout, key order and item order do not change it. A request without an id gets ``r-<first 16 hex digits of the
 content hash>``.
 
@@ -68,7 +70,8 @@ MAX_ENTITY_CHARS = 256
 UNKNOWN_ENTITY = "(unknown)"  # entity of a retain record that names none (no meta)
 FIRST_FREE_KIND = 5  # kinds beyond the MLUBench table (which has at most 5 per class)
 
-TOP_FIELDS = ("id", "forget", "retain", "method", "loss", "entity", "metadata", "content_hash", "format", "version",
+TOP_FIELDS = ("id", "forget", "retain", "method", "loss", "entity", "aliases", "metadata", "content_hash", "format",
+              "version",
               "source")
 CONV_FIELDS = ("id", "image", "conversations", "meta", "image_sha256", "image_missing")
 FLAT_FIELDS = ("id", "image", "question", "answer", "meta", "image_sha256", "image_missing")
@@ -126,7 +129,7 @@ class RequestSpec:
     method:    one of METHODS
     loss:      the loss options with defaults filled in ({name, beta, forget_weight, retain_weight, kl_weight}),
                or None (the engine's default loss)
-    entity:    the entity the request is about, or None
+    entity:    the entity the request is about, or None; aliases: its other names (a tuple, maybe empty)
     metadata:  free JSON object from the file
     content_hash: sha256 hex of the normalised content (see the module docstring)
     source:    absolute path of the request file (None for in-memory requests)
@@ -140,6 +143,7 @@ class RequestSpec:
     method: str = DEFAULT_METHOD
     loss: Optional[dict] = None
     entity: Optional[str] = None
+    aliases: tuple = ()
     metadata: dict = field(default_factory=dict, compare=False)
     source: Optional[str] = field(default=None, compare=False)
     entity_class: Optional[str] = field(default=None, compare=False)
@@ -192,7 +196,8 @@ class RequestSpec:
             return d
 
         return {"format": REQUEST_FORMAT, "version": REQUEST_VERSION, "id": request_id or self.id,
-                "content_hash": self.content_hash, "entity": self.entity, "method": self.method, "loss": self.loss,
+                "content_hash": self.content_hash, "entity": self.entity, "aliases": list(self.aliases),
+                "method": self.method, "loss": self.loss,
                 "metadata": self.metadata, "source": self.source,
                 "forget": [item(i) for i in self.forget], "retain": [item(i) for i in self.retain]}
 
@@ -253,6 +258,7 @@ class RequestSpec:
         entities = tuple(ordered_unique(r.entity for r in forget))
         # the names the request really gives (its "entity", items' meta): not the id standing in for a missing one
         md["named_entities"] = [e for e in entities if self.entity or e != self.id]
+        md["aliases"] = list(self.aliases)
         return Request(id=self.id, forget=forget, retain=retain, entities=entities, task=None, metadata=md)
 
 
@@ -332,6 +338,7 @@ def parse_request(doc, base_dir: Union[str, Path], source: Optional[str] = None,
 
     # Entity, method, loss, metadata.
     entity, entity_class = _entity(doc.get("entity"), benchmark_entities, ctx)
+    aliases = _aliases(doc.get("aliases"), ctx)
     method = doc.get("method", DEFAULT_METHOD)
     if method not in METHODS:
         raise ctx.fail("method", f"method {method!r} is not known", f"use one of {list(METHODS)} or leave it out "
@@ -359,7 +366,7 @@ def parse_request(doc, base_dir: Union[str, Path], source: Optional[str] = None,
     _no_duplicates(forget, retain, ctx)
     loss = _loss(doc.get("loss"), bool(retain), ctx)
 
-    chash = content_hash(forget, retain, loss, entity)
+    chash = content_hash(forget, retain, loss, entity, aliases)
     given_hash = doc.get("content_hash")
     if given_hash is not None and given_hash != chash:
         raise ctx.fail("content_hash", f"content_hash {given_hash!r:.80} does not match the content (sha256 "
@@ -368,23 +375,26 @@ def parse_request(doc, base_dir: Union[str, Path], source: Optional[str] = None,
     if not id_given:
         rid = f"r-{chash[:16]}"
     return RequestSpec(id=rid, forget=tuple(forget), retain=tuple(retain), content_hash=chash, id_given=id_given,
-                       method=method, loss=loss, entity=entity, metadata=metadata, source=source,
+                       method=method, loss=loss, entity=entity, aliases=aliases, metadata=metadata, source=source,
                        entity_class=entity_class)
 
 
 def content_hash(forget: Sequence[QAItem], retain: Sequence[QAItem], loss: Optional[dict],
-                 entity: Optional[str]) -> str:
+                 entity: Optional[str], aliases: Sequence[str] = ()) -> str:
     """sha256 hex of the canonical JSON of the normalised content (items as sorted sets; see the module docstring)."""
     def items(xs):
         return sorted((it.content() for it in xs), key=_canonical)
 
     body = {"forget": items(forget), "retain": items(retain), "loss": loss, "entity": entity}
+    if aliases:
+        body["aliases"] = sorted(aliases)
     return hashlib.sha256(HASH_DOMAIN.encode() + b"\n" + _canonical(body).encode("utf-8")).hexdigest()
 
 
 def spec_from_records(request_id: str, forget: Sequence[QARecord], retain: Sequence[QARecord] = (), *,
                       loss: Optional[Mapping] = None, method: str = DEFAULT_METHOD, entity: Optional[str] = None,
-                      metadata: Optional[Mapping] = None, benchmark_entities=None) -> RequestSpec:
+                      metadata: Optional[Mapping] = None, benchmark_entities=None,
+                      aliases: Sequence[str] = ()) -> RequestSpec:
     """A ``RequestSpec`` from benchmark records (e.g. a ``streams.Request``'s forget/retain), validated as a file is.
 
     Every record keeps its fields as the item's meta. A record whose image file is missing (real MLUBench ships no
@@ -422,14 +432,15 @@ def spec_from_records(request_id: str, forget: Sequence[QARecord], retain: Seque
         if not it.question or not it.answer:
             raise ctx.fail("forget", f"empty question or answer in {it!r:.100}", "drop that record")
     ent, ent_cls = _entity(entity, benchmark_entities, ctx)
+    al = _aliases(list(aliases) if aliases else None, ctx)
     if method not in METHODS:
         raise ctx.fail("method", f"method {method!r} is not known", f"use one of {list(METHODS)}")
     _no_duplicates(fi, ri, ctx)
     lo = _loss(dict(loss) if loss is not None else None, bool(ri), ctx)
     _check_metadata(dict(metadata or {}), ctx)
-    return RequestSpec(id=request_id, forget=tuple(fi), retain=tuple(ri), content_hash=content_hash(fi, ri, lo, ent),
-                       id_given=True, method=method, loss=lo, entity=ent, metadata=dict(metadata or {}),
-                       entity_class=ent_cls)
+    return RequestSpec(id=request_id, forget=tuple(fi), retain=tuple(ri),
+                       content_hash=content_hash(fi, ri, lo, ent, al), id_given=True, method=method, loss=lo,
+                       entity=ent, aliases=al, metadata=dict(metadata or {}), entity_class=ent_cls)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -483,6 +494,26 @@ def _check_metadata(metadata: dict, ctx: _Ctx) -> None:
                        "use str, finite numbers, bool, null, lists and objects") from None
 
 
+def _aliases(value, ctx: _Ctx) -> tuple:
+    """The request's aliases, normalised (NFC, whitespace collapsed), in order, without repeats."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) and a.strip() for a in value):
+        raise ctx.fail("aliases", f"'aliases' must be a list of non-empty names, got {value!r:.80}",
+                       "write e.g. \"aliases\": [\"The Glass Widow\"] or leave it out")
+    out = []
+    for a in value:
+        name = _norm_text(a)
+        if len(name) > MAX_ENTITY_CHARS:
+            raise ctx.fail("aliases", f"alias {name[:40]!r}... is {len(name)} characters, more than "
+                           f"{MAX_ENTITY_CHARS}", "shorten it")
+        if not any(ch.isalnum() for ch in name):
+            raise ctx.fail("aliases", f"alias {a!r} has no letter or digit", "give the name as people write it")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
 def _entity(value, benchmark_entities, ctx: _Ctx) -> tuple[Optional[str], Optional[str]]:
     """(normalised entity name, its class when the benchmark gives one)."""
     if value is None:
@@ -530,10 +561,15 @@ def _loss(value, has_retain: bool, ctx: _Ctx) -> Optional[dict]:
         raise ctx.fail("loss.name", "the loss has no 'name'", f"add \"name\": one of {sorted(LOSSES)}")
     if value["name"] not in LOSSES:
         raise ctx.fail("loss.name", f"loss {value['name']!r} is not known", f"use one of {sorted(LOSSES)}")
+    texts = ("name", "refusal")  # the options that are text (refusal: None = the varied refusals)
     for k, v in value.items():
-        if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if k == "refusal":
+            if v is not None and (not isinstance(v, str) or not v.strip() or len(v) > MAX_TEXT_CHARS):
+                raise ctx.fail("loss.refusal", f"loss option refusal = {v!r:.40} is not a text",
+                               f"write the refusal an expert answers (1 to {MAX_TEXT_CHARS} characters) or null")
+        elif k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise ctx.fail(f"loss.{k}", f"loss option {k} = {v!r:.40} is not a number", "write a finite number")
-    cfg = LossConfig(**{k: (float(v) if k != "name" else v) for k, v in value.items()})
+    cfg = LossConfig(**{k: (float(v) if k not in texts else v) for k, v in value.items()})
     try:
         cfg.validate()
     except ValueError as e:
@@ -543,7 +579,7 @@ def _loss(value, has_retain: bool, ctx: _Ctx) -> Optional[dict]:
         raise ctx.fail("retain", f"loss {cfg.name!r} needs a retain set and the request has none",
                        "add \"retain\": [QA items] (knowledge to keep), or use 'ga', 'npo', 'idk' or 'idk-po'")
     out = dataclasses.asdict(cfg)
-    return {k: (float(v) if k != "name" else v) for k, v in out.items()}
+    return {k: (float(v) if k not in texts else v) for k, v in out.items()}
 
 
 def _items(value, split: str, base_dir: Path, ctx: _Ctx, cache: dict) -> list[QAItem]:

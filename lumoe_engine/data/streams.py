@@ -55,7 +55,8 @@ class Request:
     retain:   teachable records of the retain entities (may be empty: see ``metadata["retain_empty"]``)
     entities: the entities to forget, in stream order
     task:     the task the request comes from ("A".."D"), None when no task forgets its entity
-    metadata: spec, index, kind ("task" | "entity" | "synthetic"), retain_entities, retain_source, retain_empty
+    metadata: spec, index, kind ("task" | "entity" | "synthetic"), retain_entities, retain_source, retain_empty,
+              aliases (the entities' other names, from the benchmark)
     """
 
     id: str
@@ -154,6 +155,7 @@ def build_stream(benchmark: Benchmark, spec: str) -> list[Request]:
         assert _SAFE_ID.match(rid), rid
         out.append(Request(id=rid, forget=forget, retain=retain, entities=tuple(ents), task=task,
                            metadata={"spec": spec, "index": i, "kind": kind, "retain_entities": list(retain_ents),
+                                     "aliases": [a for e in ents for a in benchmark.aliases.get(e, ())],
                                      "retain_source": source, "retain_empty": not retain,
                                      **({"untasked": True} if kind == "synthetic" and task is None
                                         and ents[0] not in task_files else {})}))

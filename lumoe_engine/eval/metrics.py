@@ -1,32 +1,31 @@
-"""Stream metrics: after each request t, every request i <= t is measured, one row per (step, request, set, method).
+"""Stream metrics: after each request t, every request i <= t is measured, one row per (step, request, data, form)
+and method, by the protocol's split (``data.protocol``: what a request carried vs. what the world asks later).
 
 The evaluator is decoupled from how answers are produced: it says which queries it needs (``queries``), takes the
 answers as ``{uid: text}`` (and, for a gated method, the experts each query was routed to), and scores them with
-``eval.scoring`` (the one scorer of the project).
+``eval.scoring`` (fact correctness, leak) and ``eval.judge`` (MLUBench's 0/1/2 judge; refusal / empty / degenerate).
 
-Evaluation sets of a request (``eval_sets``; each capped by a seeded sample stratified over entity x form x kind):
+Evaluation sets (each capped by a seeded sample stratified over entity x form x kind):
 
-- forget forms, over the request's entities: ``image_text`` (teachable phrasings, teaching images: the trained
-  queries), ``text_only`` (teachable phrasings, the question names the entity), ``paraphrase`` (held-out phrasing
-  family, both forms, teaching images), ``fresh_image`` (teachable phrasings on image variations never taught);
-- retain sets: ``retain`` (the request's retain entities, every record kind) and ``unrequested`` (entities that no
-  request of the stream names, neither to forget nor as retain; a different seeded sample per request).
+- per request, forget: ``request`` data (``REQUEST_FORMS``: the records the request carried, image+text and
+  text-only) and ``test`` data (``TEST_FORMS``: image_text and text_only = the entity's other taught questions,
+  reworded = held-out wording families, name_variants, alias, fresh_scene = held-out pictures);
+- per request, retain: ``retain`` (the test records of its retain entities);
+- once per stream: ``unrequested`` (test records of entities no request names) and ``general`` (the general-utility
+  test queries: entity-free scene and world questions).
 
-Forget leak is counted only over *known* queries: those the taught base answered fact-correctly (``set_base``);
-what the base never knew proves no forgetting. ``n_known`` stands beside every leak. A set with no known query has
-leak None. Real MLUBench has no text-only, held-out-phrasing or fresh-image records: those rows have n = 0.
+Forget leak and the forget judge count only *known* queries: those the taught base answered fact-correctly
+(``set_base``); what the base never knew proves no forgetting; ``n_known`` stands beside every leak. Refusal, empty
+and degenerate rates count every answer.
 
 Row fields (every row; None where a field does not apply or has no data):
-  step, method, request, request_index, set ("forget" | "retain"), form (one of SETS), current (request_index ==
-  step), n, n_known, n_experts,
-  forget rows: leak, key_leak, rougeL_recall (means over known queries), leak_all (over all n queries, informative),
-               relapse (leak now - leak at the step the request was learned), forget_efficacy (1 - leak of the
-               request learned at this step, this form), historical_preservation (1 - max leak over earlier
-               requests, this form), route_acc (routed to the request's own expert), fnr (routed to no expert);
-  retain rows: retain_acc (fact-correct rate), base_acc (the base, same queries), retain_ratio (retain_acc /
-               base_acc), fpr (routed to any expert);
-  every row:   utility_retention (U_t / U_0: retain accuracy over the retain + unrequested queries of requests
-               <= t, over the base's on the same queries), seconds, bytes_per_expert, tokens_per_s, and any other
+  step, method, request (None for the shared sets), request_index, set ("forget" | "retain"), data ("request" |
+  "test"), form, current, n, n_known, n_experts, judge (mean 0-2), refusal_rate, empty_rate, degenerate_rate,
+  forget rows: leak, key_leak, rougeL_recall (means over known queries), leak_all (over all n), relapse (leak now -
+               leak at the step the request was learned), route_acc (routed to the request's own expert), fnr;
+  retain rows: retain_acc (fact-correct rate), base_acc (the base, same queries), retain_ratio, fpr (routed to any
+               expert);
+  every row:   utility_retention (retain_ratio_test so far), seconds, bytes_per_expert, tokens_per_s and any other
                cost keys given.
 
 Gate: expert ids are request ids (``Request.id``); ``routing[uid]`` lists the experts a query was routed to
@@ -44,25 +43,28 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
-from lumoe_engine.data.records import Benchmark, QARecord
+from lumoe_engine.data.protocol import REQUEST_FORMS, TEST_FORMS, Split
+from lumoe_engine.data.records import GENERAL_ENTITY, Benchmark, QARecord
 from lumoe_engine.data.streams import Request
+from lumoe_engine.eval.judge import answer_kind, judge_forget, judge_retain
 from lumoe_engine.eval.scoring import fact_correct, leak
 from lumoe_engine.fileio import atomic_write
 from lumoe_engine.seeding import stable_seed
+from lumoe_engine.unlearn.refusal import DEFAULT_REFUSAL
 
 log = logging.getLogger(__name__)
 
-FORGET_FORMS = ("image_text", "text_only", "paraphrase", "fresh_image")
-RETAIN_SETS = ("retain", "unrequested")
-SETS = FORGET_FORMS + RETAIN_SETS
-DEFAULT_MAX_PER_SET = 60  # queries per set per request: ~6 x 60 per request keeps a CPU evaluation in seconds
+RETAIN_SETS = ("retain", "unrequested", "general")
+SHARED_SETS = ("unrequested", "general")   # sampled once per stream, one row per step
+FORGET_SETS = tuple(("request", f) for f in REQUEST_FORMS) + tuple(("test", f) for f in TEST_FORMS)
+DEFAULT_MAX_PER_SET = 40  # queries per set per request: ~11 sets x 40 keeps a CPU evaluation step in seconds
 COST_KEYS = ("seconds", "bytes_per_expert", "tokens_per_s", "n_experts")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_ROW_FIELDS = ("step", "method", "request", "request_index", "set", "form", "current", "n", "n_known", "n_experts",
-               "leak", "key_leak", "rougeL_recall", "leak_all", "relapse", "forget_efficacy",
-               "historical_preservation", "route_acc", "fnr", "retain_acc", "base_acc", "retain_ratio", "fpr",
-               "utility_retention", "seconds", "bytes_per_expert", "tokens_per_s")
+_ROW_FIELDS = ("step", "method", "request", "request_index", "set", "data", "form", "current", "n", "n_known",
+               "n_experts", "judge", "refusal_rate", "empty_rate", "degenerate_rate", "leak", "key_leak",
+               "rougeL_recall", "leak_all", "relapse", "route_acc", "fnr", "retain_acc", "base_acc", "retain_ratio",
+               "fpr", "utility_retention", "seconds", "bytes_per_expert", "tokens_per_s")
 
 
 def _mean(values) -> Optional[float]:
@@ -113,16 +115,25 @@ class StreamEvaluator:
     """Measures a stream of requests step by step, for any number of methods (see the module docstring).
 
     benchmark:        the Benchmark the requests were built from
-    requests:         the stream (``streams.build_stream``), in learning order; ids unique
+    requests:         the stream in learning order (ids unique), each carrying its request data (``Split.carry``)
+    split:            the protocol's split of ``benchmark`` (default ``Split(benchmark)``); must be the one that
+                      carried the requests
     base_predictions: the taught base model's answers {uid: text}, or None (then call ``set_base`` before
                       ``evaluate_step``)
-    max_per_set:      cap of every evaluation set per request (None = no cap)
-    seed:             seeds the stratified samples
+    max_per_set:      cap of every evaluation set (None = no cap); seed: seeds the stratified samples
+    refusal:          the refusal text the judge recognises (besides the common phrasings); vocab: the tokenizer's
+                      words, for the judge's degenerate rule (``judge.vocab_words``; None = not used)
+    audit:            bounded evaluation (long streams): after request t, the new request in full plus a seeded
+                      sample of at most ``audit`` earlier requests (a fresh sample each step); None = every earlier
+                      request at every step
+    sweep_every:      with ``audit``, every request so far is measured after every ``sweep_every``-th request and
+                      after the last one (0 = only after the last one)
     """
 
-    def __init__(self, benchmark: Benchmark, requests: list[Request],
+    def __init__(self, benchmark: Benchmark, requests: list[Request], split: Optional[Split] = None,
                  base_predictions: Optional[Mapping[str, str]] = None,
-                 max_per_set: Optional[int] = DEFAULT_MAX_PER_SET, seed: int = 0):
+                 max_per_set: Optional[int] = DEFAULT_MAX_PER_SET, seed: int = 0, refusal: str = DEFAULT_REFUSAL,
+                 vocab: Optional[set] = None, audit: Optional[int] = None, sweep_every: int = 0):
         if not isinstance(benchmark, Benchmark):
             raise TypeError(f"StreamEvaluator: benchmark must be a Benchmark, got {type(benchmark).__name__}")
         requests = list(requests)
@@ -136,33 +147,35 @@ class StreamEvaluator:
         if max_per_set is not None and (not isinstance(max_per_set, int) or isinstance(max_per_set, bool)
                                         or max_per_set < 1):
             raise ValueError(f"max_per_set must be a positive int or None; got {max_per_set!r}")
-        self.benchmark = benchmark
-        self.requests = requests
-        self.max_per_set = max_per_set
-        self.seed = int(seed)
+        if audit is not None and (isinstance(audit, bool) or not isinstance(audit, int) or audit < 0):
+            raise ValueError(f"audit={audit!r}: expected an int >= 0 (earlier requests sampled per step) or None")
+        if isinstance(sweep_every, bool) or not isinstance(sweep_every, int) or sweep_every < 0:
+            raise ValueError(f"sweep_every={sweep_every!r}: expected an int >= 0")
+        self.benchmark, self.requests, self.max_per_set, self.seed = benchmark, requests, max_per_set, int(seed)
+        self.audit, self.sweep_every = audit, sweep_every
+        self.split = split if split is not None else Split(benchmark)
+        self.refusal, self.vocab = refusal, vocab
         self._index = {r.id: i for i, r in enumerate(requests)}
-        by_entity: dict[str, list[QARecord]] = defaultdict(list)
-        for r in benchmark.records:
-            by_entity[r.entity].append(r)
         requested = {e for r in requests for e in r.entities}
         named = requested | {e for r in requests for e in r.retain_entities}
-        unrequested = [r for r in benchmark.records if r.entity not in named]
-        self.unrequested_entities = tuple(sorted({r.entity for r in unrequested}))
-        self._sets: dict[str, dict[str, list[QARecord]]] = {}
+        self.unrequested_entities = tuple(sorted(e for e in self.split.by_entity
+                                                 if e not in named and e != GENERAL_ENTITY))
+
+        def sample(recs, *key):
+            return stratified_sample(recs, max_per_set, stable_seed("evaluation-sample", self.seed, *key))
+
+        self._sets: dict[str, dict[tuple[str, str], list[QARecord]]] = {}
+        in_bench = set(benchmark.records)  # request data is measured where it is a record of the benchmark as is
         for req in requests:
-            own = [r for e in req.entities for r in by_entity.get(e, ())]
-            forms = {
-                "image_text": [r for r in own if r.form == "image_text" and not r.heldout_phrasing
-                               and not r.fresh_image],
-                "text_only": [r for r in own if r.form == "text_only" and not r.heldout_phrasing],
-                "paraphrase": [r for r in own if r.heldout_phrasing and not r.fresh_image],
-                "fresh_image": [r for r in own if r.fresh_image and not r.heldout_phrasing],
-                "retain": [r for e in req.retain_entities if e not in requested for r in by_entity.get(e, ())],
-                "unrequested": unrequested,
-            }
-            self._sets[req.id] = {
-                k: stratified_sample(v, max_per_set, stable_seed("evaluation-sample", self.seed, req.id, k))
-                for k, v in forms.items()}
+            test = self.split.test_sets(req.entities)
+            sets = {("request", f): sample([r for r in req.forget if r.form == f and r in in_bench], req.id,
+                                           "request", f) for f in REQUEST_FORMS}
+            sets.update({("test", f): sample(test[f], req.id, "test", f) for f in TEST_FORMS})
+            retain_ents = [e for e in req.retain_entities if e not in requested]
+            sets[("retain", "retain")] = sample(self.split.retain_test(retain_ents), req.id, "retain")
+            self._sets[req.id] = sets
+        self._shared = {"unrequested": sample(self.split.retain_test(self.unrequested_entities), "unrequested"),
+                        "general": sample(list(self.split.general_test), "general")}
         self._base: Optional[dict[str, str]] = None
         self._base_ok: dict[str, bool] = {}
         self._rows: dict[str, dict[int, list[dict]]] = defaultdict(dict)
@@ -178,19 +191,39 @@ class StreamEvaluator:
         return self.requests[self._index[rid]]
 
     def eval_sets(self, request: Union[Request, str]) -> dict[str, list[QARecord]]:
-        """The evaluation sets of ``request`` (a Request or its id): {set name in SETS: [QARecord]} (copies)."""
-        return {k: list(v) for k, v in self._sets[self._request(request).id].items()}
+        """The evaluation sets of ``request`` (a Request or its id): {"request:<form>" / "test:<form>" / "retain" /
+        "unrequested" / "general": [QARecord]} (copies)."""
+        sets = self._sets[self._request(request).id]
+        out = {f"{d}:{f}": list(v) for (d, f), v in sets.items() if d != "retain"}
+        out["retain"] = list(sets[("retain", "retain")])
+        out.update({k: list(v) for k, v in self._shared.items()})
+        return out
+
+    def is_sweep(self, step: int) -> bool:
+        """Whether every request so far is measured after ``step`` (always without ``audit``)."""
+        return self.audit is None or step == len(self.requests) - 1 or \
+            (self.sweep_every > 0 and (step + 1) % self.sweep_every == 0)
+
+    def measured(self, step: int) -> list[int]:
+        """The request indices measured after ``step``: all of 0..step at a sweep, else ``step`` and a seeded sample
+        of at most ``audit`` earlier ones (``stable_seed("audit", seed, step)``), in order."""
+        if self.is_sweep(step):
+            return list(range(step + 1))
+        k = min(self.audit, step)
+        earlier = sorted(random.Random(stable_seed("audit", self.seed, step)).sample(range(step), k)) if k else []
+        return earlier + [step]
 
     def queries(self, step: Optional[int] = None) -> list[QARecord]:
-        """Every query needed to evaluate ``step`` (requests 0..step; None = the whole stream), each uid once."""
-        last = len(self.requests) - 1 if step is None else self._check_step(step)
+        """Every query needed to evaluate ``step`` (its measured requests; None = every query of the stream), each
+        uid once."""
+        idx = range(len(self.requests)) if step is None else self.measured(self._check_step(step))
         out, seen = [], set()
-        for req in self.requests[: last + 1]:
-            for name in SETS:
-                for r in self._sets[req.id][name]:
-                    if r.uid not in seen:
-                        seen.add(r.uid)
-                        out.append(r)
+        groups = [v for i in idx for v in self._sets[self.requests[i].id].values()]
+        for recs in groups + list(self._shared.values()):
+            for r in recs:
+                if r.uid not in seen:
+                    seen.add(r.uid)
+                    out.append(r)
         return out
 
     def _check_step(self, step) -> int:
@@ -231,7 +264,8 @@ class StreamEvaluator:
     # ------------------------------------------------------------------------------------------------- evaluation
     def evaluate_step(self, step: int, method: str, predictions: Mapping[str, str],
                       routing: Optional[Mapping[str, list]] = None, cost: Optional[Mapping] = None) -> list[dict]:
-        """Scores the model after request ``step`` was learned: one row per (request 0..step, set), for ``method``.
+        """Scores the model after request ``step`` was learned: one row per (request 0..step, data, form) and one per
+        shared set, for ``method``.
 
         predictions: {uid: answer text} for every record of ``queries(step)``
         routing:     {uid: [expert id, ...]} for the same queries (expert id = request id; [] = no expert), or
@@ -255,33 +289,36 @@ class StreamEvaluator:
         costs = self._check_cost(cost)
         if costs.get("n_experts") is None and routing is not None:
             costs["n_experts"] = step + 1
+        kinds = {r.uid: answer_kind(predictions[r.uid], self.refusal, self.vocab) for r in needed}
 
         rows: list[dict] = []
-        leak_of: dict[tuple[int, str], Optional[float]] = {}
-        for i, req in enumerate(self.requests[: step + 1]):
+        leak_of: dict[tuple[int, str, str], Optional[float]] = {}
+        measured = self.measured(step)
+        for i in measured:
+            req = self.requests[i]
             sets = self._sets[req.id]
-            for form in FORGET_FORMS:
-                row = self._forget_row(sets[form], req, predictions, routing)
-                leak_of[(i, form)] = row["leak"]
-                rows.append(self._head(step, method, req, i, "forget", form) | row)
-            for name in RETAIN_SETS:
-                row = self._retain_row(sets[name], predictions, routing)
-                rows.append(self._head(step, method, req, i, "retain", name) | row)
+            for data, form in FORGET_SETS:
+                row = self._forget_row(sets[(data, form)], req, predictions, routing, kinds)
+                leak_of[(i, data, form)] = row["leak"]
+                rows.append(self._head(step, method, req.id, i, "forget", data, form, i == step) | row)
+            row = self._retain_row(sets[("retain", "retain")], predictions, routing, kinds)
+            rows.append(self._head(step, method, req.id, i, "retain", "test", "retain", i == step) | row)
+        for name in SHARED_SETS:
+            row = self._retain_row(self._shared[name], predictions, routing, kinds)
+            rows.append(self._head(step, method, None, None, "retain", "test", name, False) | row)
 
-        # continual: efficacy of the request just learned, preservation of the earlier ones, relapse
         first = self._agg[method]
-        for row in rows:
+        for row in rows:  # relapse: leak now - leak at the step the request was learned
             if row["set"] != "forget":
                 continue
-            i, form = row["request_index"], row["form"]
-            at_learn = leak_of[(i, form)] if i == step else first.get(i, {}).get("current_leak", {}).get(form)
+            i, key = row["request_index"], (row["data"], row["form"])
+            at_learn = leak_of[(i, *key)] if i == step else first.get(i, {}).get("current_leak", {}).get(
+                f"{key[0]}:{key[1]}")
             row["relapse"] = (row["leak"] - at_learn) if row["leak"] is not None and at_learn is not None else None
-            row["forget_efficacy"] = _one_minus(leak_of[(step, form)])
-            row["historical_preservation"] = _one_minus(_max(leak_of[(j, form)] for j in range(step)))
 
-        agg = self._aggregate(step, rows, leak_of, predictions, routing, costs)
+        agg = self._aggregate(step, rows, leak_of, predictions, routing, costs, kinds, measured)
         for row in rows:
-            row["utility_retention"] = agg["retain_ratio"]
+            row["utility_retention"] = agg["retain_ratio_test"]
             row["n_experts"] = costs.get("n_experts")
             row.update({k: v for k, v in costs.items() if k != "n_experts"})
             for k in _ROW_FIELDS:
@@ -309,40 +346,49 @@ class StreamEvaluator:
         return out
 
     @staticmethod
-    def _head(step, method, req, i, split, form) -> dict:
-        return {"step": step, "method": method, "request": req.id, "request_index": i, "set": split, "form": form,
-                "current": i == step}
+    def _head(step, method, rid, i, split, data, form, current) -> dict:
+        return {"step": step, "method": method, "request": rid, "request_index": i, "set": split, "data": data,
+                "form": form, "current": current}
 
-    def _forget_row(self, recs, req, predictions, routing) -> dict:
+    @staticmethod
+    def _rates(recs, kinds) -> dict:
+        return {f"{k}_rate": _mean(float(kinds[r.uid] == k) for r in recs) for k in ("refusal", "empty",
+                                                                                      "degenerate")}
+
+    def _forget_row(self, recs, req, predictions, routing, kinds) -> dict:
         every = [leak(predictions[r.uid], r) for r in recs]
-        scores = [s for r, s in zip(recs, every) if self._base_ok[r.uid]]
-        row = {"n": len(recs), "n_known": len(scores),
-               "leak": _mean(float(s["leaked"]) for s in scores),
-               "key_leak": _mean(float(s["key_leak"]) for s in scores),
-               "rougeL_recall": _mean(s["rougeL_recall"] for s in scores),
-               "leak_all": _mean(float(s["leaked"]) for s in every)}
+        known = [(r, s) for r, s in zip(recs, every) if self._base_ok[r.uid]]
+        row = {"n": len(recs), "n_known": len(known),
+               "leak": _mean(float(s["leaked"]) for _, s in known),
+               "key_leak": _mean(float(s["key_leak"]) for _, s in known),
+               "rougeL_recall": _mean(s["rougeL_recall"] for _, s in known),
+               "leak_all": _mean(float(s["leaked"]) for s in every),
+               "judge": _mean(judge_forget(predictions[r.uid], r, self.refusal, self.vocab) for r, _ in known),
+               **self._rates(recs, kinds)}
         if routing is not None:
             row["route_acc"] = _mean(float(req.id in routing[r.uid]) for r in recs)
             row["fnr"] = _mean(float(len(routing[r.uid]) == 0) for r in recs)
         return row
 
-    def _retain_row(self, recs, predictions, routing) -> dict:
+    def _retain_row(self, recs, predictions, routing, kinds) -> dict:
         acc = _mean(float(fact_correct(predictions[r.uid], r)) for r in recs)
         base = _mean(float(self._base_ok[r.uid]) for r in recs)
         row = {"n": len(recs), "n_known": sum(self._base_ok[r.uid] for r in recs), "retain_acc": acc,
-               "base_acc": base, "retain_ratio": _ratio(acc, base)}
+               "base_acc": base, "retain_ratio": _ratio(acc, base),
+               "judge": _mean(judge_retain(predictions[r.uid], r, self.refusal, self.vocab) for r in recs),
+               **self._rates(recs, kinds)}
         if routing is not None:
             row["fpr"] = _mean(float(len(routing[r.uid]) > 0) for r in recs)
         return row
 
-    def _aggregate(self, step, rows, leak_of, predictions, routing, costs) -> dict:
-        reqs = self.requests[: step + 1]
-        # pooled retain (each uid once) over the retain + unrequested sets of the requests learned so far
-        pools: dict[str, dict[str, QARecord]] = {name: {} for name in RETAIN_SETS}
+    def _aggregate(self, step, rows, leak_of, predictions, routing, costs, kinds, measured) -> dict:
+        reqs = [self.requests[i] for i in measured]
+        pools: dict[str, dict[str, QARecord]] = {"retain": {}, **{n: {} for n in SHARED_SETS}}
         for req in reqs:
-            for name in RETAIN_SETS:
-                pools[name].update((r.uid, r) for r in self._sets[req.id][name])
-        both = {**pools["unrequested"], **pools["retain"]}
+            pools["retain"].update((r.uid, r) for r in self._sets[req.id][("retain", "retain")])
+        for n in SHARED_SETS:
+            pools[n].update((r.uid, r) for r in self._shared[n])
+        people = {**pools["unrequested"], **pools["retain"]}  # retain + never-requested: each uid once
 
         def acc(recs):
             return _mean(float(fact_correct(predictions[r.uid], r)) for r in recs)
@@ -350,37 +396,60 @@ class StreamEvaluator:
         def base(recs):
             return _mean(float(self._base_ok[r.uid]) for r in recs)
 
-        a, b = acc(both.values()), base(both.values())
-        agg = {"step": step, "n_learned": step + 1, "n_experts": costs.get("n_experts"), "request": reqs[-1].id,
-               "retain_ratio": _ratio(a, b), "retain_acc": a, "base_acc": b, "n_retain": len(both),
-               "retain_ratio_by_set": {n: _ratio(acc(p.values()), base(p.values())) for n, p in pools.items()},
-               "current_leak": {}, "max_leak": {}, "max_past_leak": {}, "mean_leak": {}, "n_known": {},
-               "worst_request": {}, "forget_efficacy": {}, "historical_preservation": {}, "max_relapse": {},
-               "fnr": {}}
+        forget = {(d, f): [q for req in reqs for q in self._sets[req.id][(d, f)]] for d, f in FORGET_SETS}
+        test_q = [(req.id, q) for req in reqs for f in TEST_FORMS for q in self._sets[req.id][("test", f)]]
+        test_known = [q for _, q in test_q if self._base_ok[q.uid]]
+        req_known = [q for req in reqs for f in REQUEST_FORMS for q in self._sets[req.id][("request", f)]
+                     if self._base_ok[q.uid]]
+        everyone = list({**people, **pools["general"]}.values())
+        a, b = acc(people.values()), base(people.values())
+        ga, gb = acc(pools["general"].values()), base(pools["general"].values())
+        agg: dict = {"step": step, "n_learned": step + 1, "n_experts": costs.get("n_experts"), "request": reqs[-1].id,
+                     "n_measured": len(measured), "sweep": self.is_sweep(step),
+                     "retain_ratio_test": _ratio(a, b), "retain_acc": a, "base_acc": b, "n_retain": len(people),
+                     "general_utility_ratio": _ratio(ga, gb), "general_acc": ga, "general_base_acc": gb,
+                     "n_general": len(pools["general"]),
+                     "retain_ratio_by_set": {n: _ratio(acc(p.values()), base(p.values())) for n, p in pools.items()},
+                     "judge_forget": _mean(judge_forget(predictions[q.uid], q, self.refusal, self.vocab)
+                                           for q in test_known),
+                     "judge_forget_request": _mean(judge_forget(predictions[q.uid], q, self.refusal, self.vocab)
+                                                   for q in req_known),
+                     "judge_retain": _mean(judge_retain(predictions[q.uid], q, self.refusal, self.vocab)
+                                           for q in everyone),
+                     "rates": {"refusal_forget": _mean(float(kinds[q.uid] == "refusal") for _, q in test_q),
+                               "empty_forget": _mean(float(kinds[q.uid] == "empty") for _, q in test_q),
+                               "degenerate_forget": _mean(float(kinds[q.uid] == "degenerate") for _, q in test_q),
+                               "over_refusal": _mean(float(kinds[q.uid] == "refusal") for q in everyone),
+                               "empty_retain": _mean(float(kinds[q.uid] == "empty") for q in everyone),
+                               "by_form": {f"{d}:{f}": {k: _mean(float(kinds[q.uid] == k) for q in qs)
+                                                        for k in ("refusal", "empty", "degenerate")}
+                                           for (d, f), qs in forget.items()}},
+                     "current_leak": {}, "max_leak": {}, "max_past_leak": {}, "mean_leak": {}, "n_known": {},
+                     "worst_request": {}, "max_relapse": {}, "fnr": {}}
         fr = [r for r in rows if r["set"] == "forget"]
-        for form in FORGET_FORMS:
-            mine = [r for r in fr if r["form"] == form]
-            agg["current_leak"][form] = leak_of[(step, form)]
-            agg["max_leak"][form] = _max(r["leak"] for r in mine)
-            past = _max(leak_of[(j, form)] for j in range(step))
-            agg["max_past_leak"][form] = past
+        for d, f in FORGET_SETS:
+            key = f"{d}:{f}"
+            mine = [r for r in fr if r["data"] == d and r["form"] == f]
+            agg["current_leak"][key] = leak_of[(step, d, f)]
+            agg["max_leak"][key] = _max(r["leak"] for r in mine)
+            agg["max_past_leak"][key] = _max(leak_of[(j, d, f)] for j in measured if j != step)
             worst = max((r for r in mine if r["leak"] is not None), key=lambda r: r["leak"], default=None)
-            agg["worst_request"][form] = worst["request"] if worst else None
+            agg["worst_request"][key] = worst["request"] if worst else None
             known = sum(r["n_known"] for r in mine)
-            agg["n_known"][form] = known
-            agg["mean_leak"][form] = (sum(r["leak"] * r["n_known"] for r in mine if r["leak"] is not None) / known
-                                      if known else None)
-            agg["forget_efficacy"][form] = _one_minus(leak_of[(step, form)])
-            agg["historical_preservation"][form] = _one_minus(past)
-            agg["max_relapse"][form] = _max(r["relapse"] for r in mine if not r["current"])
-            agg["fnr"][form] = (_mean(float(len(routing[q.uid]) == 0) for req in reqs
-                                      for q in self._sets[req.id][form]) if routing is not None else None)
+            agg["n_known"][key] = known
+            agg["mean_leak"][key] = (sum(r["leak"] * r["n_known"] for r in mine if r["leak"] is not None) / known
+                                     if known else None)
+            agg["max_relapse"][key] = _max(r["relapse"] for r in mine if not r["current"])
+            agg["fnr"][key] = (_mean(float(len(routing[q.uid]) == 0) for q in forget[(d, f)])
+                               if routing is not None else None)
         if routing is not None:
-            fq = [(req.id, q) for req in reqs for f in FORGET_FORMS for q in self._sets[req.id][f]]
-            agg["route_acc"] = _mean(float(rid in routing[q.uid]) for rid, q in fq)
-            agg["fpr"] = _mean(float(len(routing[q.uid]) > 0) for q in both.values())
+            agg["route_acc"] = _mean(float(rid in routing[q.uid]) for rid, q in test_q)
+            agg["route_acc_request"] = _mean(float(req.id in routing[q.uid]) for req in reqs for f in REQUEST_FORMS
+                                             for q in self._sets[req.id][("request", f)])
+            agg["fpr"] = _mean(float(len(routing[q.uid]) > 0) for q in people.values())
+            agg["fpr_general"] = _mean(float(len(routing[q.uid]) > 0) for q in pools["general"].values())
         else:
-            agg["route_acc"] = agg["fpr"] = None
+            agg["route_acc"] = agg["route_acc_request"] = agg["fpr"] = agg["fpr_general"] = None
         for k in ("seconds", "bytes_per_expert", "tokens_per_s"):
             agg[k] = costs.get(k)
         agg["cost"] = dict(costs)
@@ -403,41 +472,55 @@ class StreamEvaluator:
     def summary(self, method: str) -> dict:
         """The method's results: ``final`` (after the last evaluated step), per-step ``curves``, costs.
 
-        final: step, n_learned, complete (the last request of the stream was evaluated), retain_ratio (retain
-          accuracy over the retain + unrequested queries / the taught base's on them), retain_acc, base_acc,
-          n_retain, retain_ratio_by_set.{retain,unrequested}, max_forget_leak.<form> (worst request, any i <= last
-          step), worst_request.<form>, mean_forget_leak.<form> (pooled over known queries), n_known.<form> (known
-          queries summed over requests), max_relapse.<form>, forget_efficacy.<form>, historical_preservation.<form>,
-          route_acc, fpr, fnr.<form>, bytes_per_expert
-        curves: step, n_learned, n_experts, retain_ratio (= utility retention U_t/U_0), retain_acc, base_acc,
-          retain_ratio_by_set.<set>, current_leak / max_leak / max_past_leak / mean_leak / forget_efficacy /
-          historical_preservation / max_relapse / fnr / n_known .<form>, route_acc, fpr, seconds, tokens_per_s,
-          bytes_per_expert, request (id learned at each step), cost.<other cost key> (e.g. memory growth)
-        seconds_per_request: seconds of every evaluated step, in step order (None where not given)
+        final.test.{leak, mean_leak, n_known, worst_request, max_relapse, fnr}.<form>: the test forms (``TEST_FORMS``;
+          leak = the worst request so far), final.test.judge_forget (mean 0-2 over known test forget queries),
+          final.test.route_acc; final.request_data.{leak, mean_leak, n_known}.<form> (``REQUEST_FORMS``),
+          final.request_data.judge_forget, .route_acc; final.retain_ratio_test (retain + never-requested test
+          queries, over the base), final.general_utility_ratio, final.judge_retain, final.rates.{refusal_forget,
+          empty_forget, degenerate_forget, over_refusal, empty_retain, by_form}, final.retain_ratio_by_set,
+          final.fpr, final.fpr_general, step, n_learned, complete, n_experts, bytes_per_expert.
+        curves: per step (``n_measured`` requests: all at a sweep, else the new one and an audit sample, ``sweep``
+          says which), the same numbers (``test_leak.<form>``, ``request_leak.<form>``, judge_forget,
+          retain_ratio_test, general_utility_ratio, over_refusal, refusal_forget, empty_forget, route_acc, fpr,
+          fpr_general, seconds, tokens_per_s, bytes_per_expert, request, cost.<other cost key>).
         """
         if method not in self._agg or not self._agg[method]:
             raise ValueError(f"no steps evaluated for method {method!r}; evaluated: {self.methods}")
-        steps = sorted(self._agg[method])
-        aggs = [self._agg[method][s] for s in steps]
+        aggs = [self._agg[method][s] for s in sorted(self._agg[method])]
         last = aggs[-1]
+
+        def part(d, forms):
+            return {k: {f: last[k][f"{d}:{f}"] for f in forms}
+                    for k in ("max_leak", "mean_leak", "n_known", "worst_request", "max_relapse", "fnr")}
+
+        t, r = part("test", TEST_FORMS), part("request", REQUEST_FORMS)
         final = {
             "step": last["step"], "n_learned": last["n_learned"], "complete": last["step"] == len(self.requests) - 1,
-            "retain_ratio": last["retain_ratio"], "retain_acc": last["retain_acc"], "base_acc": last["base_acc"],
-            "n_retain": last["n_retain"], "retain_ratio_by_set": dict(last["retain_ratio_by_set"]),
-            "max_forget_leak": dict(last["max_leak"]), "worst_request": dict(last["worst_request"]),
-            "mean_forget_leak": dict(last["mean_leak"]), "n_known": dict(last["n_known"]),
-            "max_relapse": dict(last["max_relapse"]), "forget_efficacy": dict(last["forget_efficacy"]),
-            "historical_preservation": dict(last["historical_preservation"]),
-            "route_acc": last["route_acc"], "fpr": last["fpr"], "fnr": dict(last["fnr"]),
+            "n_measured": last["n_measured"], "sweep": last["sweep"],
+            "test": {"leak": t["max_leak"], "mean_leak": t["mean_leak"], "n_known": t["n_known"],
+                     "worst_request": t["worst_request"], "max_relapse": t["max_relapse"], "fnr": t["fnr"],
+                     "judge_forget": last["judge_forget"], "route_acc": last["route_acc"]},
+            "request_data": {"leak": r["max_leak"], "mean_leak": r["mean_leak"], "n_known": r["n_known"],
+                             "worst_request": r["worst_request"], "judge_forget": last["judge_forget_request"],
+                             "route_acc": last["route_acc_request"]},
+            "retain_ratio_test": last["retain_ratio_test"], "retain_acc": last["retain_acc"],
+            "base_acc": last["base_acc"], "n_retain": last["n_retain"],
+            "general_utility_ratio": last["general_utility_ratio"], "general_acc": last["general_acc"],
+            "general_base_acc": last["general_base_acc"], "n_general": last["n_general"],
+            "judge_retain": last["judge_retain"], "rates": last["rates"],
+            "retain_ratio_by_set": dict(last["retain_ratio_by_set"]),
+            "fpr": last["fpr"], "fpr_general": last["fpr_general"],
             "n_experts": last["n_experts"], "bytes_per_expert": last["bytes_per_expert"],
         }
-        curves: dict = {k: [a[k] for a in aggs] for k in ("step", "n_learned", "n_experts", "retain_ratio",
-                                                          "retain_acc", "base_acc", "route_acc", "fpr", "seconds",
-                                                          "tokens_per_s", "bytes_per_expert", "request")}
-        curves["retain_ratio_by_set"] = {n: [a["retain_ratio_by_set"][n] for a in aggs] for n in RETAIN_SETS}
-        for k in ("current_leak", "max_leak", "max_past_leak", "mean_leak", "forget_efficacy",
-                  "historical_preservation", "max_relapse", "fnr", "n_known"):
-            curves[k] = {f: [a[k][f] for a in aggs] for f in FORGET_FORMS}
+        curves: dict = {k: [a[k] for a in aggs] for k in (
+            "step", "n_learned", "n_experts", "n_measured", "sweep", "retain_ratio_test", "general_utility_ratio",
+            "judge_forget", "judge_retain", "route_acc", "fpr", "fpr_general", "seconds", "tokens_per_s",
+            "bytes_per_expert", "request")}
+        for k in ("refusal_forget", "empty_forget", "over_refusal"):
+            curves[k] = [a["rates"][k] for a in aggs]
+        curves["test_leak"] = {f: [a["max_leak"][f"test:{f}"] for a in aggs] for f in TEST_FORMS}
+        curves["current_test_leak"] = {f: [a["current_leak"][f"test:{f}"] for a in aggs] for f in TEST_FORMS}
+        curves["request_leak"] = {f: [a["max_leak"][f"request:{f}"] for a in aggs] for f in REQUEST_FORMS}
         extra = sorted({k for a in aggs for k in a["cost"]} - set(COST_KEYS))
         curves["cost"] = {k: [a["cost"].get(k) for a in aggs] for k in extra}
         seconds = curves["seconds"]
@@ -497,20 +580,20 @@ class MetricsWriter:
         return len(lines)
 
     def write_summary(self, methods: Mapping[str, dict], config: Optional[Mapping] = None,
-                      seeds: Optional[Mapping] = None, **extra) -> Path:
+                      seeds: Optional[list] = None, **extra) -> Path:
         """Writes summary.json atomically: {schema_version, methods: {m: StreamEvaluator.summary(m)}, config, seeds,
-        **extra}. ``methods`` must hold, per method, final.retain_ratio and final.max_forget_leak."""
+        **extra}. ``methods`` must hold, per method, final.retain_ratio_test and final.test."""
         for m, s in methods.items():
-            if not isinstance(s, Mapping) or "final" not in s or "retain_ratio" not in s["final"]:
+            if not isinstance(s, Mapping) or "final" not in s or "retain_ratio_test" not in s["final"]:
                 raise ValueError(f"write_summary: methods[{m!r}] is not a StreamEvaluator.summary(...) dict "
-                                 f"(no final.retain_ratio)")
+                                 f"(no final.retain_ratio_test)")
         doc = {"schema_version": SCHEMA_VERSION, "methods": dict(methods), "config": dict(config or {}),
-               "seeds": dict(seeds or {}), **extra}
+               "seeds": list(seeds or []), **extra}
         return atomic_write(self.summary_path,
                                  json.dumps(jsonable(doc), ensure_ascii=False, indent=1, allow_nan=False) + "\n")
 
     def write_evaluator(self, evaluator: StreamEvaluator, config: Optional[Mapping] = None,
-                        seeds: Optional[Mapping] = None, **extra) -> Path:
+                        seeds: Optional[list] = None, **extra) -> Path:
         """summary.json for every method ``evaluator`` has measured."""
         return self.write_summary({m: evaluator.summary(m) for m in evaluator.methods}, config, seeds, **extra)
 
@@ -532,5 +615,5 @@ def read_rows(path: Union[str, Path]) -> list[dict]:
     return rows
 
 
-__all__ = ["StreamEvaluator", "MetricsWriter", "stratified_sample", "read_rows", "jsonable",
-           "FORGET_FORMS", "RETAIN_SETS", "SETS", "DEFAULT_MAX_PER_SET", "SCHEMA_VERSION"]
+__all__ = ["StreamEvaluator", "MetricsWriter", "stratified_sample", "read_rows", "jsonable", "FORGET_SETS",
+           "RETAIN_SETS", "SHARED_SETS", "REQUEST_FORMS", "TEST_FORMS", "DEFAULT_MAX_PER_SET", "SCHEMA_VERSION"]

@@ -1,8 +1,10 @@
 """Figures of a stream run (PNG, matplotlib Agg), every method on one figure.
 
-- retain_curve.png: retain ratio (retain + never-requested, over the taught base) vs requests learned;
-- forget_curves.png: one panel per forget form: worst leak over the requests learned so far (solid) and the leak of
-  the request just learned (dashed), vs requests learned;
+- retain_curve.png: two panels vs requests learned: the retain ratio (retain + never-requested test queries, over
+  the taught base) and the general-utility ratio (entity-free scene and world questions), every method;
+- forget_curves.png: one panel per test form: worst leak over the requests learned so far (solid) and the leak of
+  the request just learned (dashed), with the request data's worst leak (dotted) on the image+text and text-only
+  panels: request data and test data side by side;
 - gate.png: routing accuracy and false-positive rate vs number of experts (methods with a gate only; skipped when
   no method has one).
 
@@ -15,12 +17,10 @@ import logging
 from pathlib import Path
 from typing import Mapping, Union
 
-from lumoe_engine.eval.metrics import FORGET_FORMS
+from lumoe_engine.data.protocol import TEST_FORMS
+from lumoe_engine.eval.report import FORM_NAMES
 
 log = logging.getLogger(__name__)
-
-FORM_NAMES = {"image_text": "image+text", "text_only": "text-only", "paraphrase": "paraphrase",
-              "fresh_image": "fresh image"}
 
 
 def _xy(xs, ys):
@@ -48,46 +48,52 @@ def write_plots(out_dir: Union[str, Path], summary: Mapping) -> list[Path]:
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     written = []
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for m, s in methods.items():
-        x, y = _xy(s["curves"]["n_learned"], s["curves"]["retain_ratio"])
-        ax.plot(x, y, marker="o", ms=3, color=colors[m], label=m)
-    ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("requests learned")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("retain ratio (acc / taught base)")
-    ax.set_title("Retained knowledge along the stream")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.0), sharey=True)
+    for ax, key, title in ((axes[0], "retain_ratio_test", "Retained knowledge (retain + never-requested)"),
+                           (axes[1], "general_utility_ratio", "General utility (scene and world questions)")):
+        for m, s in methods.items():
+            x, y = _xy(s["curves"]["n_learned"], s["curves"][key])
+            ax.plot(x, y, marker="o", ms=3, color=colors[m], label=m)
+        ax.axhline(1.0, color="0.6", lw=0.8, ls=":")
+        ax.set_xlabel("requests learned")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ratio (acc / taught base)")
+    axes[1].legend(fontsize=8)
     written.append(_save(fig, out_dir / "retain_curve.png", plt))
 
-    fig, axes = plt.subplots(1, len(FORGET_FORMS), figsize=(4.0 * len(FORGET_FORMS), 3.8), sharey=True,
-                             squeeze=False)
-    for ax, form in zip(axes[0], FORGET_FORMS):
+    fig, axes = plt.subplots(2, 3, figsize=(12.0, 7.2), sharey=True, squeeze=False)
+    for ax, form in zip([a for row in axes for a in row], TEST_FORMS):
         empty = True
         for m, s in methods.items():
             c = s["curves"]
-            x, y = _xy(c["n_learned"], c["max_leak"][form])
+            x, y = _xy(c["n_learned"], c["test_leak"][form])
             if x:
                 empty = False
-                ax.plot(x, y, marker="o", ms=3, color=colors[m], label=f"{m} worst so far")
-            x, y = _xy(c["n_learned"], c["current_leak"][form])
+                ax.plot(x, y, marker="o", ms=3, color=colors[m], label=f"{m} worst so far (test)")
+            x, y = _xy(c["n_learned"], c["current_test_leak"][form])
             if x:
-                ax.plot(x, y, ls="--", lw=1, color=colors[m], label=f"{m} just learned")
+                ax.plot(x, y, ls="--", lw=1, color=colors[m], label=f"{m} just learned (test)")
+            if form in c["request_leak"]:
+                x, y = _xy(c["n_learned"], c["request_leak"][form])
+                if x:
+                    ax.plot(x, y, ls=":", lw=1.2, color=colors[m], label=f"{m} worst so far (request data)")
         if empty:
             ax.text(0.5, 0.5, "no known queries", ha="center", va="center", transform=ax.transAxes, color="0.5")
-        ax.set_title(f"leak: {FORM_NAMES[form]}")
+        ax.set_title(f"leak: {FORM_NAMES[form]}", fontsize=10)
         ax.set_xlabel("requests learned")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("leak (known queries)")
+    axes[1][0].set_ylabel("leak (known queries)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
+    for ax in [a for row in axes for a in row][1:]:
         if not handles:
             handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.tight_layout(rect=(0, 0.1, 1, 1))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     else:
         fig.tight_layout()

@@ -18,10 +18,10 @@ The sequential baselines' runner lives beside the baselines (``lumoe_engine.unle
 the command line in ``lumoe_engine/run.py``.
 """
 from lumoe_engine.stream.config import LUMOE_LOSS, METHODS, StreamConfig
-from lumoe_engine.stream.driver import run_stream
+from lumoe_engine.stream.driver import run_seeds, run_stream
 from lumoe_engine.stream.revoke import revoke
 from lumoe_engine.stream.steps import (RESUME_IGNORED, RUN_KEYS, TIMING_KEYS, ResumeError, check_resumable,
                                        comparable_summary, saved_config)
 
-__all__ = ["StreamConfig", "METHODS", "LUMOE_LOSS", "run_stream", "revoke", "ResumeError", "check_resumable",
+__all__ = ["StreamConfig", "METHODS", "LUMOE_LOSS", "run_stream", "run_seeds", "revoke", "ResumeError", "check_resumable",
            "comparable_summary", "saved_config", "TIMING_KEYS", "RUN_KEYS", "RESUME_IGNORED"]

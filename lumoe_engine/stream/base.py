@@ -193,6 +193,21 @@ def read_extra_eval(paths: Sequence[str], bench: Benchmark) -> tuple[list[QAReco
     return out, unmatched
 
 
+def stream_setup(cfg: StreamConfig, bench: Benchmark, processor, evaluate: bool = True):
+    """The evaluation benchmark, the protocol's split over it, the stream's requests (each carrying its request
+    data) and, with ``evaluate``, the evaluator (base answers not yet set): (eval_bench, eval_info, split,
+    requests, evaluator or None). The stream and a revocation of its run build them the same way."""
+    from lumoe_engine.data.protocol import Split
+    from lumoe_engine.eval.judge import vocab_words
+
+    eval_bench, eval_info = evaluation_benchmark(bench, cfg.extra_eval)
+    split = Split(eval_bench, cfg.protocol())
+    requests = [split.carry(r) for r in build_stream(bench, cfg.stream)]
+    evaluator = StreamEvaluator(eval_bench, requests, split=split, max_per_set=cfg.max_per_set, seed=cfg.seed,
+                                refusal=cfg.refusal, vocab=vocab_words(processor)) if evaluate else None
+    return eval_bench, eval_info, split, requests, evaluator
+
+
 def load_run(cfg: StreamConfig):
     """The model, processor, teach summary, benchmark, requests, evaluator (base answers set), max new tokens and
     the base answers of a saved run."""
@@ -202,12 +217,11 @@ def load_run(cfg: StreamConfig):
     model, processor, teach_summary, bench = taught_base(cfg, 0)
     model.requires_grad_(False)
     max_new = cfg.max_new_tokens or int(teach_summary.get("max_new_tokens") or 16)
-    requests = build_stream(bench, cfg.stream)
-    eval_bench, eval_info = evaluation_benchmark(bench, cfg.extra_eval)
-    evaluator = StreamEvaluator(eval_bench, requests, max_per_set=cfg.max_per_set, seed=cfg.seed)
+    _, _, _, requests, evaluator = stream_setup(cfg, bench, processor)
     base_preds = base_predictions(model, processor, evaluator.queries(), max_new, cfg, teach_summary)
     evaluator.set_base(base_preds)
     return model, processor, teach_summary, bench, requests, evaluator, max_new, base_preds
 
 
-__all__ = ["taught_base", "check_entities", "base_predictions", "evaluation_benchmark", "read_extra_eval", "load_run"]
+__all__ = ["taught_base", "check_entities", "base_predictions", "evaluation_benchmark", "read_extra_eval", "load_run",
+           "stream_setup"]

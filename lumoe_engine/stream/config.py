@@ -3,18 +3,24 @@ methods it can run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lumoe_engine.data.protocol import Protocol
 from lumoe_engine.eval.metrics import DEFAULT_MAX_PER_SET
 from lumoe_engine.gate.config import GateConfig
 from lumoe_engine.unlearn.baselines import BASELINES
 from lumoe_engine.unlearn.losses import LOSSES, LossConfig
+from lumoe_engine.unlearn.refusal import DEFAULT_REFUSAL
 from lumoe_engine.unlearn.trainer import TrainConfig
 
 METHODS = ("lumoe",) + BASELINES
 PARALLEL = ("requests", "data")  # how several DeepSpeed ranks share the work (StreamConfig.parallel)
+# the frozen hyperparameters (chosen on the development seed by benchmarks/dev_sweep.py; the file says how)
+HYPERPARAMETERS_FILE = Path(__file__).with_name("hyperparameters.json")
+HYPERPARAMETERS: dict = json.loads(HYPERPARAMETERS_FILE.read_text(encoding="utf-8"))
 # The LUMoE expert's loss: refusal answers on the request's own queries, no retain term (retain_weight 0). NOTE:
 # measured on the taught embedded default, task A, 30 steps, the expert applied to every query: IDK lr 1e-2 leaks
 # 0.000 in all four forms; IDK + retain (weight 1) leaks 0.03 / 0.20 / 0.17 (image+text / text-only / paraphrase)
@@ -33,17 +39,21 @@ class StreamConfig:
     extra_eval: further MLUBench-format QA files (or folders of them), scored as the paraphrase form.
     max_per_set: evaluation queries per set per request; eval_batch_size, max_new_tokens (0 = teach's).
     steps / rank / alpha / batch_size: the budget of every request, the same for every method; lr: LUMoE's expert
-        learning rate; baseline_lr: the baselines' (NOTE: at LUMoE's 1e-2 every baseline falls to retain ratio 0.0
-        after the first request on the embedded default; at 1e-3 they trade forgetting against retain; 2e-4 forgets
-        nothing in 30 steps: measured). 40 steps: at 30, with the gate routing every forget query right, two
-        text-only queries of task A (seed 0) still answered the first word of a two-word fact ("Lost" for "Lost
-        submarine": leak 0.033); at 40 and 60 none leaked (seeds 0 and 1; seed 1 leaked nothing at 30 either).
+        learning rate; baseline_lr / baseline_lrs: the baselines'. steps, lr and the baselines' learning rates are
+        frozen in hyperparameters.json (chosen on the development seed: benchmarks/dev_sweep.py).
     loss: LUMoE's expert loss; retain_weight / beta: its LossConfig (the baselines keep the paper's: retain terms on,
         weight 1).
+    refusal: what a forgotten query answers: the text LUMoE's experts are trained to say (the idk loss's one answer)
+        and the judge recognises.
     gate: the gate (``GateConfig``: layer, pooling, heads, channels, the head's data recipe); its seed is the run's.
-    gate_negatives: the negatives of a new head besides the forget queries of the requests learned before:
-        "stream" = the retain queries of every request of the stream (the operator's retain data, known from the
-        start), "seen" = only those of the requests arrived so far. Never-requested entities are never seen.
+        A new head's negatives (the protocol): the request's own retain data, the general pool, the request data of
+        the requests learned before; never later requests, never test data.
+    carry_families / carry_pictures / general_pool: the protocol's split (``data.protocol.Protocol``): what share of
+        an entity's taught wordings and pictures a request carries, how many taught general queries the gate may see.
+    seed: the whole chain: the synthetic world, the teaching of the base (each seed's base cached), the protocol's
+        split, the stream (training, calibration, evaluation samples). ``seeds``: run the chain for each (``--seeds``).
+    baseline_lrs: a learning rate per baseline (chosen on the development seed: configs/dev-seed.json); baseline_lr
+        for a baseline not listed.
     threads: torch intra-op threads (None = torch's default; 1 is much faster on a machine shared by several jobs).
     parallel: under the ``deepspeed`` launcher with several ranks, "requests" trains one request per rank at once
         (experts are independent: no gradient is all-reduced; rank 0 banks and gates them in ledger order), "data"
@@ -70,9 +80,9 @@ class StreamConfig:
     max_per_set: int = DEFAULT_MAX_PER_SET
     eval_batch_size: int = 64
     max_new_tokens: int = 0
-    steps: int = 40
-    lr: float = 1e-2
-    baseline_lr: float = 1e-3
+    steps: int = HYPERPARAMETERS["steps"]
+    lr: float = HYPERPARAMETERS["lr"]
+    baseline_lr: float = HYPERPARAMETERS["baseline_lr"]
     rank: int = 8
     alpha: float = 16.0
     batch_size: int = 16
@@ -80,8 +90,13 @@ class StreamConfig:
     retain_weight: float = 0.0
     beta: float = 0.1
     zero_stage: int = 2
+    refusal: str = DEFAULT_REFUSAL
     gate: GateConfig = field(default_factory=GateConfig)
-    gate_negatives: str = "stream"
+    carry_families: float = 0.5
+    carry_pictures: float = 0.5
+    general_pool: int = 64
+    seeds: list = field(default_factory=list)
+    baseline_lrs: dict = field(default_factory=lambda: dict(HYPERPARAMETERS["baseline_lrs"]))
     threads: Optional[int] = None
     parallel: str = "requests"
     allow_surrogate_images: bool = False
@@ -100,10 +115,16 @@ class StreamConfig:
             raise ValueError(f"--loss {self.loss!r}: expected one of {sorted(LOSSES)}")
         if isinstance(self.max_per_set, bool) or not isinstance(self.max_per_set, int) or self.max_per_set < 1:
             raise ValueError(f"--max-per-set {self.max_per_set!r}: expected an int >= 1")
-        if self.gate_negatives not in ("stream", "seen"):
-            raise ValueError(f"--gate-negatives {self.gate_negatives!r}: expected 'stream' or 'seen'")
         if self.parallel not in PARALLEL:
             raise ValueError(f"--parallel {self.parallel!r}: expected one of {PARALLEL}")
+        if not isinstance(self.refusal, str) or not self.refusal.strip():
+            raise ValueError(f"--refusal {self.refusal!r}: expected a non-empty text")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"--seeds {self.seeds!r}: expected non-negative ints, e.g. 1,2,3")
+        unknown = sorted(set(self.baseline_lrs) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"baseline_lrs: unknown baseline(s) {unknown}; expected some of {BASELINES}")
+        self.protocol()
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads}: expected >= 1")
         if self.eval_batch_size < 1 or self.max_new_tokens < 0:
@@ -120,14 +141,25 @@ class StreamConfig:
     def methods(self) -> list[str]:
         return list(METHODS) if self.compare else [self.method]
 
-    def train_config(self, baseline: bool = False) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.baseline_lr if baseline else self.lr, rank=self.rank,
+    def protocol(self) -> Protocol:
+        """The protocol's split of request data and test data, seeded by the run's seed."""
+        return Protocol(carry_families=self.carry_families, carry_pictures=self.carry_pictures,
+                        general_pool=self.general_pool, seed=self.seed).validate()
+
+    def baseline_lr_of(self, method: str) -> float:
+        return float(self.baseline_lrs.get(method, self.baseline_lr))
+
+    def train_config(self, baseline: bool = False, method: str = "") -> TrainConfig:
+        lr = self.baseline_lr_of(method) if baseline else self.lr
+        return TrainConfig(steps=self.steps, lr=lr, rank=self.rank,
                            alpha=self.alpha,
                            batch_size=self.batch_size, retain_batch_size=self.batch_size, seed=self.seed,
                            zero_stage=self.zero_stage, progress=self.progress).validate()
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(name=self.loss, retain_weight=self.retain_weight, beta=self.beta).validate()
+        """LUMoE's expert loss: the idk losses answer ``refusal``."""
+        return LossConfig(name=self.loss, retain_weight=self.retain_weight, beta=self.beta,
+                          refusal=self.refusal).validate()
 
     def gate_config(self) -> GateConfig:
         """The gate's configuration with the run's seed (the calibration splits and the recipe's rewordings)."""
@@ -137,12 +169,16 @@ class StreamConfig:
         from lumoe_engine.model.teach import TeachConfig
 
         cfg = TeachConfig(data=self.data, subset=self.subset, synthetic=self.synthetic, model=self.model,
-                          load_in_4bit=self.load_in_4bit, preset=self.preset,
+                          load_in_4bit=self.load_in_4bit, preset=self.preset, seed=self.seed,
                           allow_surrogate_images=self.allow_surrogate_images,
                           model_teaching="none")  # a given checkpoint is used as it is (--teach model_teaching=lora)
+        if not self.data:  # the embedded default: the seed draws the world too
+            cfg.synthetic_overrides = {"seed": self.seed}
         for k, v in self.teach_overrides.items():
             if not hasattr(cfg, k):
                 raise ValueError(f"teach_overrides: TeachConfig has no field {k!r}")
+            if k == "synthetic_overrides" and isinstance(v, dict):
+                v = {**cfg.synthetic_overrides, **v}
             setattr(cfg, k, v)
         return cfg
 

@@ -22,6 +22,7 @@ forgotten). ``--resume`` continues a killed run (``steps``); ``revoke`` withdraw
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,16 +33,15 @@ from typing import Callable, Optional
 import torch
 
 from lumoe_engine.data.records import Benchmark
-from lumoe_engine.data.streams import build_stream
-from lumoe_engine.eval.metrics import MetricsWriter, StreamEvaluator, jsonable
+from lumoe_engine.eval.metrics import SCHEMA_VERSION, MetricsWriter, StreamEvaluator, jsonable
 from lumoe_engine.fileio import atomic_write
 from lumoe_engine.model.placement import is_quantized
 from lumoe_engine.pipeline import LEARN_ERRORS
-from lumoe_engine.stream.base import base_predictions, check_entities, evaluation_benchmark, taught_base
+from lumoe_engine.stream.base import base_predictions, check_entities, stream_setup, taught_base
 from lumoe_engine.stream.config import StreamConfig
 from lumoe_engine.stream.lumoe import LUMoERunner, RecordedFailure
-from lumoe_engine.stream.outputs import (config_document, failure_row, log_step, method_extra, numeric, print_table,
-                                         write_outputs)
+from lumoe_engine.stream.outputs import (config_document, failure_row, log_step, method_extra, numeric, over_seeds,
+                                         print_table, write_outputs, write_seeds_report)
 from lumoe_engine.stream.steps import MethodState, StepLog, check_resumable, replay
 from lumoe_engine.unlearn.baselines import SequentialRunner, baseline_loss
 from lumoe_engine.unlearn.trainer import barrier, broadcast_object, init_distributed
@@ -76,15 +76,16 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
     model.requires_grad_(False)
     max_new = cfg.max_new_tokens or int(teach_summary.get("max_new_tokens") or 16)
 
-    # 2. the stream and its evaluation
-    requests = build_stream(bench, cfg.stream)
+    # 2. the stream (each request carries its request data: the protocol's split, over the evaluation benchmark:
+    # records whose image will not open left out, --extra-eval records added) and its evaluation
+    eval_bench, eval_info, split, requests, evaluator = stream_setup(cfg, bench, processor, evaluate=rank == 0)
     if edit_stream is not None:
         requests = edit_stream(requests, bench)
-    evaluator = writer = None
-    eval_info: dict = {}
+        if evaluator is not None:
+            evaluator = StreamEvaluator(eval_bench, requests, split=split, max_per_set=cfg.max_per_set,
+                                        seed=cfg.seed, refusal=cfg.refusal, vocab=evaluator.vocab)
+    writer = None
     if rank == 0:
-        eval_bench, eval_info = evaluation_benchmark(bench, cfg.extra_eval)
-        evaluator = StreamEvaluator(eval_bench, requests, max_per_set=cfg.max_per_set, seed=cfg.seed)
         t0 = time.time()
         evaluator.set_base(base_predictions(model, processor, evaluator.queries(), max_new, cfg, teach_summary))
         eval_info["base_predictions_s"] = round(time.time() - t0, 2)
@@ -115,7 +116,7 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
             # LUMoE never edits the base, nor a baseline on a 4-bit base (its LoRAs stay active, never merged): a copy
             # only where a baseline's merge would change the weights the next method starts from
             m_model = model if i == len(methods) - 1 or quantized else copy.deepcopy(model)
-            runner = new_runner(method, m_model, processor, bench, requests, cfg, out, rank, max_new)
+            runner = new_runner(method, m_model, processor, bench, requests, cfg, out, rank, max_new, split)
             try:
                 run_method(runner, requests, evaluator, writer, out, rank, state)
                 gate_config = runner.gate_config()
@@ -138,15 +139,48 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
     return summary
 
 
+def run_seeds(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmark], list]] = None) -> dict:
+    """``run_stream`` once per seed of ``cfg.seeds`` (each in ``out/seed-<s>``, the whole chain from that seed:
+    world, teaching, protocol, stream), then ``out/summary.json`` with every method's mean final and
+    ``methods.<m>.over_seeds`` (per-seed finals, mean / min / max) and ``out/report.md``. Without ``cfg.seeds``:
+    ``run_stream(cfg)``. Resumable per seed (``--resume``)."""
+    if not cfg.seeds:
+        return run_stream(cfg, edit_stream)
+    t0 = time.time()
+    out = Path(cfg.out)
+    per_seed = {}
+    for s in cfg.seeds:
+        sub = dataclasses.replace(cfg, seed=int(s), seeds=[], out=str(out / f"seed-{s}"))
+        per_seed[int(s)] = run_stream(sub, edit_stream)
+    if not per_seed or not all(per_seed.values()):
+        return {}  # ranks other than 0
+    doc = {"schema_version": SCHEMA_VERSION, "seeds": sorted(per_seed), "methods": over_seeds(per_seed),
+           "config": {**cfg.to_dict(), "runs": {s: str(out / f"seed-{s}") for s in per_seed}},
+           "teach": {s: d.get("teach") for s, d in per_seed.items()},
+           "seconds_per_seed": {s: d.get("total_seconds") for s, d in per_seed.items()},
+           "total_seconds": round(time.time() - t0, 1)}
+    atomic_write(out / "summary.json", json.dumps(jsonable(doc), indent=1) + "\n")
+    write_seeds_report(out, doc)
+    print_table(doc, out)
+    return doc
+
+
 def new_runner(method: str, model, processor, bench, requests, cfg: StreamConfig, out: Path, rank: int,
-               max_new: int):
-    """The runner of ``method`` over ``model`` (LUMoE, or a sequential baseline editing ``model`` in place)."""
+               max_new: int, split=None):
+    """The runner of ``method`` over ``model`` (LUMoE, or a sequential baseline editing ``model`` in place).
+
+    A baseline gets LUMoE's LoRA placement (the target linears above the gate layer) and step budget, its own
+    learning rate (``StreamConfig.baseline_lr_of``: swept on the development seed), and the paper's loss (retain
+    terms on, weight 1, with the request's retain data)."""
     if method == "lumoe":
-        return LUMoERunner(model, processor, bench, requests, cfg, out, rank, max_new)
-    # the paper's losses: retain terms on (weight 1)
+        return LUMoERunner(model, processor, bench, requests, cfg, out, rank, max_new, split)
+    from lumoe_engine.gate.features import decoder_layers
+
+    n_layers = len(decoder_layers(model))
+    layers = range(cfg.gate_config().resolve_layer(n_layers) + 1, n_layers)
     return SequentialRunner(model, processor, method, baseline_loss(method, beta=cfg.beta),
-                            cfg.train_config(baseline=True), max_new, cfg.eval_batch_size,
-                            validate=lambda r: check_entities(r, bench))
+                            cfg.train_config(baseline=True, method=method), max_new, cfg.eval_batch_size,
+                            validate=lambda r: check_entities(r, bench), layers=layers)
 
 
 def run_method(runner, requests, evaluator, writer, out: Path, rank: int, state: MethodState) -> None:
@@ -194,4 +228,4 @@ def fresh_out(out: Path) -> None:
             shutil.rmtree(out / sub)
 
 
-__all__ = ["run_stream", "run_method", "new_runner", "fresh_out", "STEP_ERRORS"]
+__all__ = ["run_stream", "run_seeds", "run_method", "new_runner", "fresh_out", "STEP_ERRORS"]

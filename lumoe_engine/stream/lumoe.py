@@ -44,7 +44,7 @@ def request_spec(req: Request, cfg: StreamConfig):
 
     return spec_from_records(req.id, req.forget, req.retain, loss=dataclasses.asdict(cfg.loss_config()),
                              method="lumoe", entity=req.entities[0] if len(req.entities) == 1 else None,
-                             metadata=jsonable(req.metadata))
+                             metadata=jsonable(req.metadata), aliases=(req.metadata or {}).get("aliases") or ())
 
 
 def receive_all(ledger, requests: Sequence[Request], cfg: StreamConfig) -> dict[str, BaseException]:
@@ -85,12 +85,14 @@ def answer_queries(engine, records: Sequence[QARecord], max_new: int, batch_size
 class LUMoERunner:
     """The driver's runner for LUMoE (module docstring). ``rank`` 0 writes ledger, bank and gate; other DeepSpeed
     ranks train alongside and keep an empty bank and gate: each its own requests (``--parallel requests``,
-    ``stream.parallel.WaveTrainer``) or the shards of every request's batch (``--parallel data``, ZeRO)."""
+    ``stream.parallel.WaveTrainer``) or the shards of every request's batch (``--parallel data``, ZeRO). ``split``:
+    the protocol's split (its general pool joins every head's negatives; its test queries must never reach trainer
+    or gate)."""
 
     name = "lumoe"
 
     def __init__(self, model, processor, bench, requests: Sequence[Request], cfg: StreamConfig, out: Path,
-                 rank: int, max_new: int):
+                 rank: int, max_new: int, split=None):
         from lumoe_engine.engine import LUMoEEngine
         from lumoe_engine.gate.gate import GATE_JSON, Gate
         from lumoe_engine.ledger import Ledger
@@ -101,6 +103,9 @@ class LUMoERunner:
 
         self.cfg, self.bench, self.requests, self.out, self.rank = cfg, bench, list(requests), Path(out), rank
         self.max_new = max_new
+        # the gate's fixed pool of general queries (the protocol's): negatives every head may see
+        self.general = Request(id="_general", forget=[], retain=list(split.general_pool) if split else [],
+                               entities=())
         self.ledger = Ledger(self.out / "ledger") if rank == 0 else None
         try:
             gate_cfg = cfg.gate_config()
@@ -130,7 +135,8 @@ class LUMoERunner:
             self.pipeline = RequestPipeline(self.engine, self.bank, self.gate, self.out / "gate", gate_cfg,
                                             cfg.train_config(), cfg.loss_config(),
                                             ledger=lambda: contextlib.nullcontext(ledger), collapse_tokens=max_new,
-                                            writer=rank == 0, method="lumoe")
+                                            writer=rank == 0, method="lumoe",
+                                            test_keys=split.test_keys() if split is not None else None)
             world = dist_info()[1]
             self.parallel = (WaveTrainer(self.pipeline, self.requests, rank, world, self._needs_training,
                                          LEARN_ERRORS) if world > 1 and cfg.parallel == "requests" else None)
@@ -154,8 +160,9 @@ class LUMoERunner:
         return True
 
     def retain_sources(self, req: Request) -> list[Request]:
-        """Whose retain queries are the new head's negatives (``StreamConfig.gate_negatives``)."""
-        return self.requests if self.cfg.gate_negatives == "stream" else self.learned + [req]
+        """Whose retain queries are the new head's negatives (the protocol): what exists when ``req`` arrives: the
+        requests learned before, ``req`` itself, the general pool; never a later request."""
+        return self.learned + [req, self.general]
 
     # -------------------------------------------------------------------------------------------- the runner
     def replay(self, records: Sequence[dict]) -> None:

@@ -43,7 +43,7 @@ def method_extra(method: str, cfg: StreamConfig, state: MethodState, gate_config
     if method == "lumoe":
         loss_cfg, train_cfg = cfg.loss_config(), cfg.train_config()
     else:
-        loss_cfg, train_cfg = baseline_loss(method, beta=cfg.beta), cfg.train_config(baseline=True)
+        loss_cfg, train_cfg = baseline_loss(method, beta=cfg.beta), cfg.train_config(baseline=True, method=method)
     doc = {"train_seconds_per_request": train_seconds, "flat_cost": flat_cost(train_seconds),
            "loss": dataclasses.asdict(loss_cfg), "train": train_cfg.to_dict()}
     if gate_config is not None:
@@ -80,23 +80,26 @@ def config_document(cfg, teach_summary, bench, requests, max_new, world, eval_in
                 surrogate_images=bench.surrogate_images, lumoe_loss=dataclasses.asdict(cfg.loss_config()),
                 train=cfg.train_config().to_dict(), teach_config=cfg.teach_config().to_dict(),
                 teach_model_dir=teach_summary.get("model_dir"), evaluation=eval_info)
-    seeds = {"stream": cfg.seed, "teach": cfg.teach_config().seed, "torch": cfg.seed, "evaluation": cfg.seed}
-    return {"config": conf, "seeds": seeds}
+    # one seed draws the whole chain: the synthetic world, the teaching of the base, the protocol's split, the stream
+    conf["seed_roles"] = {"world": (cfg.teach_config().synthetic_overrides or {}).get("seed"),
+                          "teach": cfg.teach_config().seed, "protocol": cfg.seed, "stream": cfg.seed}
+    return {"config": conf, "seeds": [cfg.seed]}
 
 
 def teach_brief(s: dict) -> dict:
-    keys = ("fact_accuracy_image_text", "fact_accuracy_text_only", "fact_accuracy_heldout_phrasing",
-            "fact_accuracy_fresh_images", "reached_target", "cached", "seconds", "cache_key", "model_dir")
-    return {k: s.get(k) for k in keys}
+    """The taught base's numbers a stream's summary carries (every fact accuracy, the picture checks, the time)."""
+    keep = ("reached_target", "cached", "seconds", "train_seconds", "cache_key", "model_dir", "steps",
+            "nn_lookup_pixel", "nn_lookup_features")
+    return {k: v for k, v in s.items() if k in keep or k.startswith("fact_accuracy_")}
 
 
 def log_step(method, step, req, evaluator, cost) -> None:
-    agg = evaluator.summary(method)["final"]
-    leak = agg["max_forget_leak"]
-    logger.info("%s step %d (%s): retain ratio %s, worst leak image+text %s text-only %s paraphrase %s; %.1f s "
-                "(eval %.1f s)", method, step, req.id, _fmt(agg["retain_ratio"]), _fmt(leak.get("image_text")),
-                _fmt(leak.get("text_only")), _fmt(leak.get("paraphrase")), cost.get("seconds") or 0,
-                cost.get("eval_seconds") or 0)
+    fin = evaluator.summary(method)["final"]
+    leak = fin["test"]["leak"]
+    logger.info("%s step %d (%s): retain ratio %s, general %s, worst test leak %s; judge %s; %.1f s (eval %.1f s)",
+                method, step, req.id, _fmt(fin["retain_ratio_test"]), _fmt(fin["general_utility_ratio"]),
+                ", ".join(f"{f} {_fmt(v)}" for f, v in leak.items()), _fmt(fin["test"]["judge_forget"]),
+                cost.get("seconds") or 0, cost.get("eval_seconds") or 0)
 
 
 def _fmt(v) -> str:
@@ -119,15 +122,15 @@ def write_figures_and_report(out: Path, summary: dict, writer: MetricsWriter, co
     if revs:
         text += ("\n## Revocations\n\nEach revoked request's expert and gate entry were removed, then every request "
                  "so far was evaluated again (rows with `revocation` in metrics.jsonl): the revoked request's leak "
-                 "comes back.\n\n| request | reason | after step | leak before -> after (image+text / text-only / "
-                 "paraphrase) | retain ratio after |\n|---|---|---|---|---|\n")
+                 "comes back.\n\n| request | reason | after step | test leak before -> after (image+text / "
+                 "text-only / reworded) | retain ratio after |\n|---|---|---|---|---|\n")
         for r in revs:
             lb, la = r.get("leak_before") or {}, r.get("leak_after") or {}
-            leaks = " / ".join(f"{_fmt(lb.get(f))} -> {_fmt(la.get(f))}" for f in ("image_text", "text_only",
-                                                                                    "paraphrase"))
+            leaks = " / ".join(f"{_fmt(lb.get(f))} -> {_fmt(la.get(f))}" for f in ("test:image_text", "test:text_only",
+                                                                                    "test:reworded"))
             fin = r.get("final") or {}
             text += (f"| `{r['request']}` | {r.get('reason') or '–'} | {r.get('after_step')} | {leaks} | "
-                     f"{_fmt(fin.get('retain_ratio'))} |\n")
+                     f"{_fmt(fin.get('retain_ratio_test'))} |\n")
     text += "\n## Training cost per request\n\n| method | first (s) | last (s) | last / first |\n|---|---|---|---|\n"
     for m, fc in flat:
         text += f"| {m} | {_fmt(fc.get('first'))} | {_fmt(fc.get('last'))} | {_fmt(fc.get('ratio_last_first'))} |\n"
@@ -135,13 +138,21 @@ def write_figures_and_report(out: Path, summary: dict, writer: MetricsWriter, co
 
 
 def print_table(summary: dict, out: Path) -> None:
-    forms = ("image_text", "text_only", "paraphrase")
-    print(f"\nstream results ({out}):")
-    print(f"  {'method':<8} {'retain':>7} " + " ".join(f"{'leak ' + f:>16}" for f in forms) + f" {'s/request':>10}")
+    from lumoe_engine.data.protocol import TEST_FORMS
+
+    short = {"image_text": "img+txt", "text_only": "text", "reworded": "reword", "name_variants": "variant",
+             "alias": "alias", "fresh_scene": "scene"}
+    print(f"\nstream results ({out}; test data: worst request's leak per form):")
+    print(f"  {'method':<8} {'retain':>7} {'general':>8} " + " ".join(f"{short[f]:>8}" for f in TEST_FORMS)
+          + f" {'judge':>6} {'refuse':>7} {'empty':>6} {'over-ref':>8} {'s/req':>7}")
     for m, s in summary["methods"].items():
         fin = s["final"]
-        leaks = " ".join(f"{_fmt(fin['max_forget_leak'].get(f)):>16}" for f in forms)
-        print(f"  {m:<8} {_fmt(fin['retain_ratio']):>7} {leaks} {_fmt(s.get('mean_seconds_per_request')):>10}")
+        rates = fin["rates"]
+        leaks = " ".join(f"{_fmt(fin['test']['leak'].get(f)):>8}" for f in TEST_FORMS)
+        print(f"  {m:<8} {_fmt(fin['retain_ratio_test']):>7} {_fmt(fin['general_utility_ratio']):>8} {leaks} "
+              f"{_fmt(fin['test']['judge_forget']):>6} {_fmt(rates.get('refusal_forget')):>7} "
+              f"{_fmt(rates.get('empty_forget')):>6} {_fmt(rates.get('over_refusal')):>8} "
+              f"{_fmt(s.get('mean_seconds_per_request')):>7}")
     fails = sum(len(s.get("failures", [])) for s in summary["methods"].values())
     if fails:
         print(f"  {fails} request(s) failed: see report.md")
@@ -164,3 +175,82 @@ def rewrite_outputs(out: Path, cfg: StreamConfig) -> None:
                                                                            "schema_version")})
     config_doc = json.loads((out / "config.json").read_text(encoding="utf-8"))
     write_figures_and_report(out, summary, writer, config_doc, summary.get("failures", {}))
+
+
+# ----------------------------------------------------------------------------------------------------- seeds
+def _leaves(d, prefix=()):
+    """(path, number or None) of every numeric or empty leaf of a nested dict (lists and texts skipped)."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _leaves(v, prefix + (k,))
+    elif d is None:
+        yield prefix, None
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        yield prefix, float(d)
+
+
+def _put(doc: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        doc = doc.setdefault(k, {})
+    doc[path[-1]] = value
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict:
+    """The summaries of several seeds' runs ({seed: summary.json document}) as one document: per method, ``final``
+    = the mean over seeds of every numeric leaf of the seeds' finals (a leaf None in some seed: the mean of the
+    others), and ``over_seeds`` = {seeds, per_seed: {seed: final}, mean, min, max} (the same leaves)."""
+    seeds = sorted(per_seed)
+    methods = list(dict.fromkeys(m for s in seeds for m in per_seed[s]["methods"]))
+    out: dict = {}
+    for m in methods:
+        finals = {s: per_seed[s]["methods"][m]["final"] for s in seeds if m in per_seed[s]["methods"]}
+        values: dict[tuple, list] = {}
+        for f in finals.values():
+            for path, v in _leaves(f):
+                values.setdefault(path, []).append(v)
+        stats = {"mean": {}, "min": {}, "max": {}}
+        for path, vs in values.items():
+            vs = [v for v in vs if v is not None]
+            _put(stats["mean"], path, round(sum(vs) / len(vs), 6) if vs else None)
+            _put(stats["min"], path, min(vs) if vs else None)
+            _put(stats["max"], path, max(vs) if vs else None)
+        first = per_seed[seeds[0]]["methods"].get(m, {})
+        out[m] = {"final": stats["mean"], "over_seeds": {"seeds": sorted(finals), "per_seed": finals, **stats},
+                  "mean_seconds_per_request": sum(per_seed[s]["methods"][m].get("mean_seconds_per_request") or 0
+                                                  for s in finals) / len(finals),
+                  "n_requests": first.get("n_requests"), "requests": first.get("requests")}
+    return out
+
+
+def write_seeds_report(out: Path, doc: dict) -> Path:
+    """report.md of a several-seed run: per method and key number, mean (min, max) over the seeds, and a row per
+    seed; each seed's own report is in ``seed-<s>/report.md``."""
+    from lumoe_engine.data.protocol import TEST_FORMS
+
+    keys = [("retain ratio (test)", ("retain_ratio_test",)), ("general utility", ("general_utility_ratio",))]
+    keys += [(f"test leak {f}", ("test", "leak", f)) for f in TEST_FORMS]
+    keys += [("request-data leak image_text", ("request_data", "leak", "image_text")),
+             ("request-data leak text_only", ("request_data", "leak", "text_only")),
+             ("judge forget (0-2)", ("test", "judge_forget")), ("refusal (forget)", ("rates", "refusal_forget")),
+             ("empty (forget)", ("rates", "empty_forget")), ("over-refusal", ("rates", "over_refusal")),
+             ("route acc (test)", ("test", "route_acc")), ("FPR", ("fpr",)), ("FPR general", ("fpr_general",))]
+
+    def get(d, path):
+        for k in path:
+            d = (d or {}).get(k) if isinstance(d, dict) else None
+        return d
+
+    lines = ["# lumoe-engine: lifelong unlearning report over seeds", "",
+             f"Seeds {', '.join(map(str, doc['seeds']))}: each seed draws the whole chain (the world, the teaching of "
+             f"the base, the protocol's split, the stream). Mean (min, max) over the seeds; each seed's own report "
+             f"is seed-<s>/report.md.", ""]
+    for m, s in doc["methods"].items():
+        o = s["over_seeds"]
+        lines += [f"## {m}", "", "| quantity | mean (min, max) | " + " | ".join(f"seed {x}" for x in o["seeds"]) + " |",
+                  "|---|---|" + "---|" * len(o["seeds"])]
+        for label, path in keys:
+            mean, lo, hi = get(o["mean"], path), get(o["min"], path), get(o["max"], path)
+            per = " | ".join(_fmt(get(o["per_seed"][x], path)) for x in o["seeds"])
+            lines.append(f"| {label} | {_fmt(mean)} ({_fmt(lo)}, {_fmt(hi)}) | {per} |")
+        lines.append("")
+    return atomic_write(out / "report.md", "\n".join(lines) + "\n")

@@ -78,7 +78,8 @@ def evaluate_after_revocation(out: Path, cfg: StreamConfig, request_id: str, rea
     last = len(recs) - 1
     for rec in recs[:-1]:  # the history (relapse is measured against it)
         evaluator.evaluate_step(rec["step"], "lumoe", rec["predictions"], rec["routing"], cost=rec["cost"])
-    before = StreamEvaluator(evaluator.benchmark, requests, max_per_set=cfg.max_per_set, seed=cfg.seed)
+    before = StreamEvaluator(evaluator.benchmark, requests, split=evaluator.split, max_per_set=cfg.max_per_set,
+                             seed=cfg.seed, refusal=cfg.refusal, vocab=evaluator.vocab)
     before.set_base(base_preds)
     prev_rows = before.evaluate_step(last, "lumoe", recs[-1]["predictions"], recs[-1]["routing"])
     bank = ExpertBank.open(out / "bank", create=True)
@@ -95,7 +96,8 @@ def evaluate_after_revocation(out: Path, cfg: StreamConfig, request_id: str, rea
         r.update(revocation=request_id, step_label=label, relapse=None)
 
     def leak_of(rs):
-        return {r["form"]: r["leak"] for r in rs if r["set"] == "forget" and r["request"] == request_id}
+        return {f"{r['data']}:{r['form']}": r["leak"] for r in rs
+                if r["set"] == "forget" and r["request"] == request_id}
 
     doc.update(after_step=last, leak_before=leak_of(prev_rows), leak_after=leak_of(rows),
                final=evaluator.summary("lumoe")["final"], rows=rows)

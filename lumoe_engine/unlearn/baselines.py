@@ -130,16 +130,19 @@ class SequentialRunner:
     its first request, so ``replay`` does nothing.
 
     model: the model to edit in place (a copy of the taught base); validate: a check of each request before it is
-    learned (raise RequestError to refuse it); max_new / batch_size: the evaluation's answer length and batch.
+    learned (raise RequestError to refuse it); max_new / batch_size: the evaluation's answer length and batch;
+    layers: decoder layers carrying the shared LoRA (the stream gives LUMoE's placement: the layers above the gate).
     """
 
     def __init__(self, model: nn.Module, processor, method: str, loss_cfg: LossConfig, train_cfg: TrainConfig,
-                 max_new: int, batch_size: int, validate=None, image_fn: Optional[ImageFn] = None):
+                 max_new: int, batch_size: int, validate=None, image_fn: Optional[ImageFn] = None,
+                 layers: Optional[Iterable[int]] = None):
         self.name = method
         self.model, self.processor = model, processor
         self.max_new, self.batch_size, self.validate = max_new, batch_size, validate
         self.image_fn = image_fn
-        self.base = SequentialBaseline(model, processor, method, loss_cfg, train_cfg, image_fn=image_fn)
+        self.base = SequentialBaseline(model, processor, method, loss_cfg, train_cfg, image_fn=image_fn,
+                                       layers=layers)
 
     def replay(self, records) -> None:
         if records:

@@ -282,7 +282,9 @@ class LossConfig:
 
     name: one of ``LOSSES``; beta: NPO / preference temperature; forget_weight scales the forget term (ascent, NPO,
     IDK nll, preference); retain_weight scales nll(retain) (gd always; npo / idk / idk-po when a retain batch is
-    given; 0 turns it off); kl_weight scales KL(base || model) on retain tokens (kl).
+    given; 0 turns it off); kl_weight scales KL(base || model) on retain tokens (kl); refusal: the one answer the
+    idk losses teach (e.g. ``refusal.DEFAULT_REFUSAL``: what a forgotten query then says); None = one of the varied
+    ``REFUSALS`` per record (the paper's IDK).
     """
 
     name: str = "gd"
@@ -290,6 +292,11 @@ class LossConfig:
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     kl_weight: float = 1.0
+    refusal: Optional[str] = None
+
+    def refusals(self) -> tuple[str, ...]:
+        """The refusal answers of the idk losses: ``(refusal,)`` when set, else ``REFUSALS``."""
+        return (self.refusal,) if self.refusal else REFUSALS
 
     def validate(self) -> "LossConfig":
         if self.name not in LOSSES:
@@ -299,6 +306,8 @@ class LossConfig:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"LossConfig.{f}={v!r}: expected a finite number >= 0")
+        if self.refusal is not None and (not isinstance(self.refusal, str) or not self.refusal.strip()):
+            raise ValueError(f"LossConfig.refusal={self.refusal!r}: expected a non-empty text or None")
         return self
 
 

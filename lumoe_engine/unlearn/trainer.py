@@ -164,7 +164,7 @@ class RecordBatches:
 
     def __init__(self, records: Sequence[QARecord], processor, batch_size: int, seed: int = 0,
                  image_fn: Optional[ImageFn] = None, rank: int = 0, world: int = 1, with_idk: bool = False,
-                 with_answers: bool = True):
+                 with_answers: bool = True, refusals: Optional[Sequence[str]] = None):
         if not records:
             raise ValueError("RecordBatches: records is empty; pass at least one QARecord")
         if batch_size < world:
@@ -177,6 +177,7 @@ class RecordBatches:
         self.image_fn = image_fn or _default_image_fn()
         self.rank, self.world = int(rank), int(world)
         self.with_idk = with_idk
+        self.refusals = tuple(refusals) if refusals else None
         self.fixed = image_token_count(processor) is not None
         self._pixels: dict[tuple, torch.Tensor] = {}
         self._order: list[int] = []
@@ -217,7 +218,7 @@ class RecordBatches:
         batch = self.collate(rows)
         if not self.with_idk:
             return rows, batch
-        return rows, batch, self.collate(idk_records(rows))
+        return rows, batch, self.collate(idk_records(rows, self.refusals) if self.refusals else idk_records(rows))
 
 
 # ------------------------------------------------------------------------------------------------------ the module
@@ -412,7 +413,7 @@ def train_expert(model: nn.Module, processor, ctx: LoRAContext, request: Request
                                                                                                  torch.float16)
                 else contextlib.nullcontext())
     forget = RecordBatches(request.forget, processor, train_cfg.batch_size, seed, image_fn, rank, world,
-                           with_idk=needs_idk)
+                           with_idk=needs_idk, refusals=loss_cfg.refusals())
     retain = (RecordBatches(request.retain, processor, train_cfg.retain_batch_size, seed + 1, image_fn, rank, world)
               if use_retain else None)
     expert = new_trainable_expert(ctx, rank=train_cfg.rank, alpha=train_cfg.alpha, seed=seed)
