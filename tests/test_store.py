@@ -26,7 +26,9 @@ from lumoe_engine.unlearn.trainer import train_expert as real_train_expert
 ROOT = Path(__file__).resolve().parents[1]
 TEACH = ["--teach", 'synthetic="tiny"', "--teach", 'preset="micro"', "--teach", "max_steps=20",
          "--teach", "eval_max_records=40", "--teach", "check_every=1000"]
-FAST = ["--steps", "2", "--batch-size", "8", "--threads", "1"]
+# the mechanics of the store, not forgetting: 2 small steps (an expert at the default lr on this barely taught base
+# says "I I I ..." and the collapse guard rightly fails it)
+FAST = ["--steps", "2", "--lr", "1e-3", "--batch-size", "8", "--threads", "1"]
 
 
 # ------------------------------------------------------------------------------------------------------ helpers

@@ -156,3 +156,40 @@ def test_teach_embedded_default(tmp_path):
     assert summary["fact_accuracy_image_text"] >= 0.95 and summary["fact_accuracy_text_only"] >= 0.95
     assert summary["fact_accuracy_fresh_images"] >= 0.85
     assert summary["fact_accuracy_noise_image"] <= summary["noise_chance_level"] + 0.15
+
+
+def test_the_tiny_base_is_taught_to_refuse_names_it_does_not_know(taught, cache):
+    """The refusal's words are in the taught tokenizer (an expert taught to say it otherwise answers unknown tokens,
+    which decode to an empty string), the refusal-teaching questions name no entity of the world and use no word of
+    it as a name, and the summary measures the base's refusals on made-up names and on known facts."""
+    from lumoe_engine.model.teach import load_data, refusal_teaching
+    from lumoe_engine.unlearn.refusal import DEFAULT_REFUSAL, UNKNOWN_ENTITY, unknown_tokens
+
+    config, _, _, processor, summary = taught
+    assert unknown_tokens(processor.tokenizer, DEFAULT_REFUSAL) == []
+    assert unknown_tokens(processor.tokenizer, "Zyxwvut qwertyuiop.") == ["Zyxwvut", "qwertyuiop"]
+    bench = load_data(config, cache)  # the world the fixture taught
+    sets = refusal_teaching(config, bench.records, split_records(bench.records)["teach"])
+    assert sets["taught"] and sets["heldout"]
+    world = {w.strip(".,?!").lower() for r in bench.records for w in (r.entity + " " + r.question).split()}
+    names = {r.entity for r in bench.records}
+    for rec in sets["taught"] + sets["heldout"]:
+        assert rec.entity == UNKNOWN_ENTITY and rec.answer == DEFAULT_REFUSAL and rec.form == "text_only"
+        assert not any(n in rec.question for n in names), rec.question
+    taught_q = {r.question for r in sets["taught"]}
+    assert not taught_q & {r.question for r in sets["heldout"]}  # the held-out names are never taught
+    new_words = {w.strip(".,?!").lower() for r in sets["taught"] for w in r.question.split()} - world
+    assert new_words, "the made-up names add words of their own"
+    for k in ("refusal_unknown_taught", "refusal_unknown_heldout", "refusal_rate_known_facts"):
+        assert 0.0 <= summary[k] <= 1.0, (k, summary[k])
+    print({k: summary[k] for k in ("refusal_unknown_taught", "refusal_unknown_heldout", "refusal_rate_known_facts")})
+
+
+def test_a_refusal_the_tokenizer_cannot_write_is_refused(taught):
+    from lumoe_engine.stream.base import check_refusal
+    from lumoe_engine.stream.config import StreamConfig
+
+    _, _, _, processor, _ = taught
+    check_refusal(StreamConfig(), processor)  # the default refusal: written with known words
+    with pytest.raises(ValueError, match="no token for 'Zyxwvut'"):
+        check_refusal(StreamConfig(refusal="Zyxwvut, I refuse."), processor)

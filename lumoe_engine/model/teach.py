@@ -16,6 +16,15 @@ records, a seeded sample, its size reported):
   set (1/4 for a name question asked of the 4 entities of a class; higher where entities share a fact), averaged over
   the questions. Computed from the data; a noise accuracy near it means the image, not the wording, carries identity.
   (With one entity per class, e.g. a small real-MLUBench subset, the question alone fixes the answer: level ~1.)
+- refusal_unknown_taught / refusal_unknown_heldout / refusal_rate_known_facts: the share of answers that are refusals
+  (``unlearn.refusal.is_refusal``) to text-only questions about made-up names, taught and never taught, and to the
+  fact sets above (the base's own over-refusal); ``REFUSAL_CHECK`` records each.
+
+Refusal teaching (the tiny base, ``unknown_names`` > 0): the taught text-only questions are also asked about
+``unknown_names`` made-up names (no word of the world) and answered ``refusal``, and the refusal's words (and the
+baselines' varied refusals) are in the tokenizer's training text: the base says it does not know what it does not
+know, so an expert can make a forgotten entity one of those (``unlearn.refusal``). A given checkpoint is not taught
+this (a real LLaVA refuses in its own words).
 
 Stopping: every ``check_every`` steps a teacher-forced check on a fixed stratified sample of teaching records counts
 the records whose every answer token (and the eos) is the argmax: exactly the records greedy generation reproduces
@@ -75,12 +84,15 @@ from tqdm.auto import tqdm
 
 from lumoe_engine.data.records import Benchmark, QARecord
 from lumoe_engine.fileio import atomic_write
+from lumoe_engine.unlearn.losses import REFUSALS
+from lumoe_engine.unlearn.refusal import DEFAULT_REFUSAL, is_refusal, made_up_names, unknown_entity_records
 from lumoe_engine.model.collate import (IGNORE, collate, generate_answers, image_side, image_token_count,
                                         pixel_values_for)
 
 logger = logging.getLogger("lumoe_engine.model")
 
-TEACH_VERSION = 1  # bump when teaching changes what a cached model means
+REFUSAL_CHECK = 240  # records per set of the teach summary's refusal check
+TEACH_VERSION = 2  # bump when teaching changes what a cached model means
 SUMMARY_FILE = "teach_summary.json"
 MODEL_TEACHING = ("lora", "none")  # how a given checkpoint (--model) is taught: one merged LoRA, or not at all
 SURROGATE_NAMED = 5  # missing image files named in the error
@@ -140,6 +152,10 @@ class TeachConfig:
     jitter: float = 0.2                   # brightness / contrast / saturation factors in 1 +- jitter
     eval_max_records: int = 720           # per summary set (0 = all)
     max_new_tokens: int = 0               # 0 = longest teaching answer + 2 tokens
+    # the tiny base is taught to refuse questions about names it does not know (``unlearn.refusal``): the refusal it
+    # says, and how many made-up names its refusal-teaching questions use (0: none; a given checkpoint: never)
+    refusal: str = DEFAULT_REFUSAL
+    unknown_names: int = 24
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,6 +183,10 @@ class TeachConfig:
             raise ValueError(f"TeachConfig.model_teaching={self.model_teaching!r}: expected one of {MODEL_TEACHING}")
         if self.model_lora_rank < 1:
             raise ValueError(f"TeachConfig.model_lora_rank={self.model_lora_rank}: expected >= 1")
+        if not isinstance(self.refusal, str) or not self.refusal.strip():
+            raise ValueError(f"TeachConfig.refusal={self.refusal!r}: expected the refusal text")
+        if isinstance(self.unknown_names, bool) or not isinstance(self.unknown_names, int) or self.unknown_names < 0:
+            raise ValueError(f"TeachConfig.unknown_names={self.unknown_names!r}: expected an int >= 0")
 
     def cache_fields(self) -> dict:
         """The fields that define a cached taught model: every field, except the later ones while they hold their
@@ -449,6 +469,43 @@ def fact_correctness(model, processor, records: Sequence[QARecord], images: _Ima
     return [fact_correct(p, r) for p, r in zip(preds, records)]
 
 
+def refusal_teaching(config: TeachConfig, world: Sequence[QARecord], teach_records: Sequence[QARecord]
+                     ) -> dict[str, list[QARecord]]:
+    """The refusal-teaching records (``unlearn.refusal.unknown_entity_records``): "taught" asks the taught text-only
+    questions about ``config.unknown_names`` made-up names, "heldout" (never taught: the summary's check) about as
+    many other made-up names. None when ``unknown_names`` is 0. The names share no word with the world's text."""
+    from lumoe_engine.seeding import stable_seed
+
+    if not config.unknown_names:
+        return {"taught": [], "heldout": []}
+    avoid = {w.strip(".,?!;:'\"()").lower() for r in world for t in (r.entity, r.question, r.answer) for w in
+             t.split()}
+    names = made_up_names(2 * config.unknown_names, avoid, random.Random(stable_seed("unknown-names", config.seed)))
+    text_only = [r for r in teach_records if r.form == "text_only"]
+    return {"taught": unknown_entity_records(text_only, names[:config.unknown_names], config.refusal, "unknown"),
+            "heldout": unknown_entity_records(text_only, names[config.unknown_names:], config.refusal,
+                                              "unknown-heldout")}
+
+
+def refusal_summary(model, processor, config: TeachConfig, refusal_sets: dict, summary_sets: dict, images: _Images,
+                    max_new_tokens: int) -> dict:
+    """The taught base's refusals: on questions about made-up names, taught and held-out (it should refuse), and on
+    the summary's fact sets (it should not: the base's own over-refusal); a seeded sample of ``REFUSAL_CHECK`` records
+    of each. None where a set is empty."""
+    n = REFUSAL_CHECK
+    out = {}
+    for key, recs in (("refusal_unknown_taught", refusal_sets["taught"]),
+                      ("refusal_unknown_heldout", refusal_sets["heldout"])):
+        recs = _sample(recs, n, config.seed)
+        preds = generate_answers(model, processor, recs, max_new_tokens) if recs else []
+        out[key] = _mean([is_refusal(p, config.refusal) for p in preds])
+    facts = _sample([r for k in ("image_text", "text_only", "heldout_phrasing", "fresh_images")
+                     for r in summary_sets[k]], n, config.seed)
+    preds = generate_answers(model, processor, facts, max_new_tokens, image_fn=images.image) if facts else []
+    out["refusal_rate_known_facts"] = _mean([is_refusal(p, config.refusal) for p in preds])
+    return out
+
+
 def fact_accuracy(model, processor, records: Sequence[QARecord], images: _Images, max_new_tokens: int,
                   override: Optional[Sequence[Optional[Image.Image]]] = None) -> float:
     """Share of ``records`` whose greedy answer is ``fact_correct``; NaN for no records."""
@@ -535,13 +592,17 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    refusal_sets = {"taught": [], "heldout": []}
     if config.model:
         model, processor = load_model(config.model, load_in_4bit=config.load_in_4bit)
     else:
         from lumoe_engine.model.tiny import build_tiny_llava
         from lumoe_engine.model.tokenizer import train_tokenizer
 
+        refusal_sets = refusal_teaching(config, bench.records, sets["teach"])
+        sets["teach"] = sets["teach"] + refusal_sets["taught"]
         texts = [r.question for r in sets["teach"]] + [r.answer for r in sets["teach"]]
+        texts += [r.question for r in refusal_sets["heldout"]] + [config.refusal, *REFUSALS]
         if config.synonym_prob:
             texts.append(" ".join(w for g in SYNONYMS for w in g))
         tokenizer = train_tokenizer(texts, vocab_size=config.vocab_size, kind=config.tokenizer_kind)
@@ -615,6 +676,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
                                          override=_noise_images(noise_rows, processor))
     held = summary_sets["heldout_phrasing"]
     acc = {k: _mean(v) for k, v in ok.items()}
+    refusal_rates = refusal_summary(model, processor, config, refusal_sets, summary_sets, images, max_new)
     summary = {
         **{f"fact_accuracy_{k}": v for k, v in acc.items()},
         "fact_accuracy_heldout_phrasing_image_text": _mean(
@@ -622,6 +684,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         "fact_accuracy_heldout_phrasing_text_only": _mean(
             [o for o, r in zip(ok["heldout_phrasing"], held) if r.form == "text_only"]),
         "noise_chance_level": round(noise_chance_level(noise_rows, sets["image_text"]), 4),
+        **refusal_rates,
         "n_entities": len({r.entity for r in bench.records}),
         "n_qa": len(bench.records),
         "n_teach": len(sets["teach"]),

@@ -51,7 +51,28 @@ def given_base(cfg: StreamConfig):
     return model, processor, summary, bench
 
 
+def check_refusal(cfg: StreamConfig, processor) -> None:
+    """Refuse a refusal text the base's tokenizer cannot write (an expert taught to say it would answer unknown
+    tokens, which decode to an empty string)."""
+    from lumoe_engine.unlearn.refusal import unknown_tokens
+
+    tok = getattr(processor, "tokenizer", processor)
+    bad = unknown_tokens(tok, cfg.refusal)
+    if bad:
+        raise ValueError(f"--refusal {cfg.refusal!r}: the base's tokenizer has no token for {', '.join(map(repr, bad))}"
+                         f" (it would be answered as an unknown token, i.e. an empty answer); write the refusal with "
+                         f"words the base knows, or keep the default")
+
+
 def taught_base(cfg: StreamConfig, rank: int):
+    """The base of a stream run: the given checkpoint as it is, or the tiny LLaVA taught (cached) on the benchmark;
+    (model, processor, teach summary, benchmark). Its tokenizer must be able to write ``cfg.refusal``."""
+    model, processor, summary, bench = _base(cfg, rank)
+    check_refusal(cfg, processor)
+    return model, processor, summary, bench
+
+
+def _base(cfg: StreamConfig, rank: int):
     from lumoe_engine.model.teach import default_cache_dir, load_data, teach
 
     tcfg = cfg.teach_config()
@@ -223,5 +244,6 @@ def load_run(cfg: StreamConfig):
     return model, processor, teach_summary, bench, requests, evaluator, max_new, base_preds
 
 
-__all__ = ["taught_base", "check_entities", "base_predictions", "evaluation_benchmark", "read_extra_eval", "load_run",
+__all__ = ["taught_base", "check_refusal", "check_entities", "base_predictions", "evaluation_benchmark",
+           "read_extra_eval", "load_run",
            "stream_setup"]

@@ -171,7 +171,8 @@ class StreamConfig:
         cfg = TeachConfig(data=self.data, subset=self.subset, synthetic=self.synthetic, model=self.model,
                           load_in_4bit=self.load_in_4bit, preset=self.preset, seed=self.seed,
                           allow_surrogate_images=self.allow_surrogate_images,
-                          model_teaching="none")  # a given checkpoint is used as it is (--teach model_teaching=lora)
+                          model_teaching="none",  # a given checkpoint is used as it is (--teach model_teaching=lora)
+                          refusal=self.refusal)  # the tiny base is taught to say the refusal about what it does not know
         if not self.data:  # the embedded default: the seed draws the world too
             cfg.synthetic_overrides = {"seed": self.seed}
         for k, v in self.teach_overrides.items():
