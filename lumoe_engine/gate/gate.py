@@ -1206,13 +1206,14 @@ class Gate:
         return weights, ids
 
     @staticmethod
-    def _check_texts(texts, B: int) -> Optional[list[str]]:
+    def _check_texts(texts, B: Optional[int] = None) -> Optional[list[str]]:
         if texts is None:
             return None
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or \
                 not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"texts: expected a list of {B} prompt texts (strings), got {type(texts).__name__}")
-        if len(texts) != B:
+            raise ValueError(f"texts: expected a list of prompt texts (strings, one per query), got "
+                             f"{type(texts).__name__}")
+        if B is not None and len(texts) != B:
             raise ValueError(f"texts: {len(texts)} prompt texts for {B} queries; pass one per query")
         return list(texts)
 
@@ -1240,7 +1241,7 @@ class Gate:
 
     def name_hits(self, texts: Sequence[str]) -> list[list[int]]:
         """Per prompt text, the experts (routing ids) whose names it mentions, in order of first mention."""
-        texts = self._check_texts(texts, len(texts) if isinstance(texts, (list, tuple)) else -1)
+        texts = self._check_texts(texts)
         if not any(self._names):
             return [[] for _ in texts]
         idx = self.name_index
