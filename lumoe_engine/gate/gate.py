@@ -1197,12 +1197,17 @@ class Gate:
                 if bool(drop.any()):
                     ids = torch.where(drop, torch.full_like(ids, -1), ids)
                     weights = torch.where(drop, torch.zeros_like(weights), weights)
+            rows, hit_ids, hit_w = [], [], []
             for b, h in enumerate(self.name_hits(texts)):
                 if h:
                     h = h[:top_k]
-                    ids[b] = torch.tensor(h + [-1] * (top_k - len(h)), dtype=ids.dtype)
-                    weights[b] = torch.tensor([1.0 / len(h) if renormalize else 1.0] * len(h) +
-                                              [0.0] * (top_k - len(h)), dtype=weights.dtype)
+                    rows.append(b)
+                    hit_ids.append(h + [-1] * (top_k - len(h)))
+                    hit_w.append([1.0 / len(h) if renormalize else 1.0] * len(h) + [0.0] * (top_k - len(h)))
+            if rows:  # one write for every named row
+                r = torch.tensor(rows, device=ids.device)
+                ids[r] = torch.tensor(hit_ids, dtype=ids.dtype).to(ids.device)
+                weights[r] = torch.tensor(hit_w, dtype=weights.dtype).to(weights.device)
         return weights, ids
 
     @staticmethod

@@ -34,8 +34,11 @@ _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 def normalize_text(text: str) -> list[str]:
     """The words of ``text``: NFKD, accents removed, case folded, split at every non-letter/digit character."""
-    t = unicodedata.normalize("NFKD", text or "")
-    t = "".join(ch for ch in t if not unicodedata.combining(ch)).casefold()
+    t = text or ""
+    if not t.isascii():  # (ASCII text has nothing to decompose and no accents)
+        t = unicodedata.normalize("NFKD", t)
+        t = "".join(ch for ch in t if not unicodedata.combining(ch))
+    t = t.casefold()
     return [w for w in _NON_WORD.split(t) if w]
 
 
