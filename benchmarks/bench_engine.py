@@ -264,13 +264,23 @@ def bench_memory(args, tokenizer=None) -> dict:
             "modules": len(names)}
 
 
+_NAME_A = ("Vorla", "Brask", "Keprae", "Loudran", "Zato", "Mareizum", "Shoumi", "Trakra", "Cerark", "Greisa", "Jousoum",
+           "Lucim", "Pedrouth", "Regriom", "Stagous", "Thizound", "Vubrigre", "Zeveith", "Zokaerk", "Basefo", "Bokran",
+           "Braseis", "Bratror", "Brioti", "Cabu", "Domi", "Drethus", "Drokro", "Geihork", "Hobreil", "Kodrour")
+_NAME_B = ("Quintessa", "Olden", "Newt", "Station", "Corp", "Brehicol", "Motors", "County", "Palace", "Industries",
+           "Manor", "Requiem", "Frontier", "Tales", "Gaestan", "Horizon", "Setu", "Protocol", "Lighthouse", "Methei",
+           "Squad", "Reed", "Otter", "Ivy", "Clover", "Poppy", "Quest", "Rangers", "Citadel")
+
+
 def bench_gate(args) -> dict:
     """Median time of Gate.route on [B, D + 2 D] features with E experts (heads fitted on random features; each expert
     fitted on ``--gate-positives`` positives, so it keeps the gate's full n_protos = 64 similarity-bound prototypes and
     the bound check gathers as many per query as a real request's expert does; the image channel on, each expert with
     ``--gate-pictures`` distinct pictures among its positives, the image space fitted on enough pictures to take its
     full 128 directions). The batch mixes queries with an image (``--gate-image-share``: the image channel routes them)
-    and without (the heads and the bound); the all-image and all-text batches are timed too."""
+    and without (the heads and the bound); the all-image and all-text batches are timed too. The name channel is
+    on as in production: each expert has a name (an entity's two words), every query its question text (one in two
+    names an expert, matched as text: ``gate.names``), and ``has_image`` says which queries carry an image."""
     torch.manual_seed(0)
     dim, n_exp, b = args.gate_dim, args.gate_experts, args.gate_batch
     from lumoe_engine.gate.config import GateConfig
@@ -290,7 +300,7 @@ def bench_gate(args) -> dict:
         pos = torch.cat([center + 0.1 * torch.randn(args.gate_positives, dim), img], 1)
         drawn = retain[torch.randint(len(retain), (4,))]
         neg = torch.cat([torch.randn(16, dim), torch.cat([drawn, torch.zeros(12, 2 * dim)])], 1)
-        gate.add_expert(f"g{e:04d}", pos, neg)
+        gate.add_expert(f"g{e:04d}", pos, neg, names=[f"{_NAME_A[e % 31]}{e:04d} {_NAME_B[e % 29]}"])
     build_s = time.perf_counter() - t0
     feats = torch.cat([torch.randn(b, dim), torch.randn(b, 2 * dim)], 1)
     n_img = int(round(b * args.gate_image_share))
@@ -298,15 +308,20 @@ def bench_gate(args) -> dict:
     mixed[n_img:, dim:] = 0
     text = feats.clone()
     text[:, dim:] = 0
-    fn = lambda: gate.route(mixed, top_k=1)  # noqa: E731
+    named = [(7 * q) % n_exp for q in range(b)]  # the expert a naming query names
+    texts = [f"Where is {_NAME_A[e % 31]}{e:04d} {_NAME_B[e % 29]} located?" if q % 2 else
+             "What is the name of the place shown here?" for q, e in enumerate(named)]
+    img_rows = [q < n_img for q in range(b)]
+    fn = lambda: gate.route(mixed, top_k=1, texts=texts, has_image=img_rows)  # noqa: E731
     protos = max((len(p) for p in gate.prototypes), default=0)
     pics = max((len(p) for p in gate.image_prototypes), default=0)
     what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
             f"prototypes per expert in {gate.bound_width} dims; image channel with {pics} pictures per expert "
             f"in {gate.image_width} dims, {len(gate.image_background)} background pictures; {n_img} of {b} "
-            f"queries with an image)")
-    others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1),
-              "gate_ms_no_images": lambda: gate.route(text, top_k=1)}
+            f"queries with an image; name channel: {n_exp} names, one in two question texts names an expert)")
+    others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1, texts=texts, has_image=[True] * b),
+              "gate_ms_no_images": lambda: gate.route(text, top_k=1, texts=texts, has_image=[False] * b),
+              "gate_ms_no_name_channel": lambda: gate.route(mixed, top_k=1)}
 
     def timed(f):
         for _ in range(10):
@@ -386,7 +401,8 @@ def main(argv=None) -> int:
     print("gate:", flush=True)
     gate = bench_gate(args)
     print(f"  {gate['what']}: {gate['gate_ms']:.3f} ms median" +
-          (f" (all with an image {gate['gate_ms_all_images']:.3f} ms, none {gate['gate_ms_no_images']:.3f} ms)"
+          (f" (all with an image {gate['gate_ms_all_images']:.3f} ms, none {gate['gate_ms_no_images']:.3f} ms, "
+           f"without the name channel {gate['gate_ms_no_name_channel']:.3f} ms)"
            if "gate_ms_all_images" in gate else ""), flush=True)
 
     summary = {}
@@ -400,7 +416,7 @@ def main(argv=None) -> int:
     summary["rss_over_lora"] = mem["rss_over_lora"]
     summary["rss_bytes_per_expert_trimmed"] = mem["rss_bytes_per_expert_trimmed"]
     summary[f"gate_ms_{args.gate_experts}_experts_b{args.gate_batch}"] = gate["gate_ms"]
-    for key in ("gate_ms_all_images", "gate_ms_no_images"):
+    for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_no_name_channel"):
         if key in gate:
             summary[f"{key}_{args.gate_experts}_experts_b{args.gate_batch}"] = gate[key]
     rows += [{"metric": "rss_bytes_per_expert", "provider": "bank", "experts": mem["experts_measured"],
@@ -410,8 +426,8 @@ def main(argv=None) -> int:
              {"metric": f"gate_ms_b{args.gate_batch}", "provider": "gate", "experts": args.gate_experts,
               "value": round(gate["gate_ms"], 4), "unit": "ms"}]
     rows += [{"metric": f"{key}_b{args.gate_batch}", "provider": "gate", "experts": args.gate_experts,
-              "value": round(gate[key], 4), "unit": "ms"} for key in ("gate_ms_all_images", "gate_ms_no_images")
-             if key in gate]
+              "value": round(gate[key], 4), "unit": "ms"}
+             for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_no_name_channel") if key in gate]
     import peft
     import transformers
 

@@ -220,12 +220,13 @@ def run(args) -> dict:
     feats = FeatureCache(model, proc, gate)
     pos, neg = feats(gdata.positives), feats(gdata.negatives)
     phase["gate_features"] = round(time.perf_counter() - t0, 2)
-    names = request_names(requests[0], proc)
+    names, neg_texts = request_names(requests[0]), [r.question for r in gdata.negatives]
 
     def fit() -> float:
         g = place_gate(Gate.from_config(gcfg, model), model)
         t = time.perf_counter()
-        g.add_expert(requests[0].id, pos, neg, names=names, **({"pos_groups": gdata.groups} if gdata.groups else {}))
+        g.add_expert(requests[0].id, pos, neg, names=names, neg_texts=neg_texts,
+                     **({"pos_groups": gdata.groups} if gdata.groups else {}))
         return round(time.perf_counter() - t, 3)
 
     doc["gate_features_shape"] = {"positives": list(pos.shape), "negatives": list(neg.shape)}

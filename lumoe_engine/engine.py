@@ -6,10 +6,10 @@
 1. the prompts are batched exactly as training and evaluation batch them (``lumoe_engine.model.collate``: chat
    template, the processor for images, left padding);
 2. routing: explicit ``expert_ids`` per query, if given; otherwise, during the prefill forward, a hook on decoder
-   layer L pools that layer's output over the prompt positions (``gate.pool``), scores it (``gate.route``), makes
-   the chosen experts resident (``bank.ensure_resident``) and sets the routing before layer L+1 runs: the experts
-   act on the layers above L of the *same* forward pass, so routing costs no second pass. Layers up to L are the
-   base model's, so the gate always reads base features;
+   layer L pools that layer's output over the prompt positions (``gate.pool``), scores it (``gate.route``, given
+   the prompts' texts for its name channel), makes the chosen experts resident (``bank.ensure_resident``) and sets
+   the routing before layer L+1 runs: the experts act on the layers above L of the *same* forward pass, so routing
+   costs no second pass. Layers up to L are the base model's, so the gate always reads base features;
 3. greedy decoding (``model.generate``, KV cache, batched): decode steps reuse each query's routing; the routing
    metadata of a step shape is built once and shared by every wrapped linear.
 A batch mixes queries for different experts and for none; a query whose routing is empty gets the base model's
@@ -18,8 +18,9 @@ output. ``score`` runs the same routing over prompt + answer (teacher forcing) a
 Gate interface (``GateProtocol``, which ``lumoe_engine.gate.gate.Gate`` implements): ``gate.layer`` (int L),
 ``gate.expert_ids`` (list of str: the expert of each gate index), ``gate.pool(hidden [B, S, D], attention_mask
 [B, S], input_ids=[B, S]) -> [B, D']`` (the prompt ids locate the image positions of an image channel) and
-``gate.route(features [B, D'], top_k=k, input_ids=[B, S], attention_mask=[B, S]) -> (weights [B, k] fp32,
-ids [B, k] int, -1 = none)`` (the prompts and their positions: a name channel).
+``gate.route(features [B, D'], top_k=k, texts=[B prompt texts], has_image=[B bools]) -> (weights [B, k] fp32,
+ids [B, k] int, -1 = none)``: the queries' prompt texts as the caller gave them (the question, without the chat
+template or image tokens: what a name channel matches) and which queries carry an image.
 
 Letters: B queries, S prompt positions, D hidden size, k experts per query.
 """
@@ -48,7 +49,7 @@ class GateProtocol(Protocol):
              input_ids: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
-              input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
+              texts: Optional[Sequence[str]] = None, has_image: Optional[Sequence[bool]] = None
               ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -88,7 +89,9 @@ class _Pending:
 
     prompt_mask: torch.Tensor   # [B, S] 1 on prompt tokens (what the gate pools)
     token_mask: torch.Tensor    # [B, S] 1 on real tokens (what experts apply to)
-    input_ids: Optional[torch.Tensor] = None  # [B, S] the prompts (the gate's name channel)
+    input_ids: Optional[torch.Tensor] = None  # [B, S] the prompt ids (the gate's image positions)
+    texts: Optional[list] = None              # [B] the prompt texts as given (the gate's name channel)
+    has_image: Optional[list] = None          # [B] which queries carry an image
     decisions: Optional[list[RoutingDecision]] = None
 
 
@@ -230,9 +233,11 @@ class LUMoEEngine:
         return batch
 
     def _route(self, given, attention_mask: torch.Tensor, prompt_mask: torch.Tensor,
-               input_ids: Optional[torch.Tensor] = None) -> Optional[list]:
+               input_ids: Optional[torch.Tensor] = None, texts: Optional[Sequence[str]] = None,
+               images: Optional[Sequence] = None) -> Optional[list]:
         """Set the context for the next forward: explicit routing now (returns its decisions), or gate routing at
-        the prefill hook (returns None; the hook fills the decisions), or none."""
+        the prefill hook (returns None; the hook fills the decisions), or none. texts / images: the batch's prompts
+        as the caller gave them and its images (None: text-only), in batch order, for the gate."""
         self.ctx.clear()
         self._pending = None
         batch = attention_mask.shape[0]
@@ -241,7 +246,9 @@ class LUMoEEngine:
             self.ctx.set_routing(slots, weights, token_mask=attention_mask)
             return decisions
         if self.gate is not None:
-            self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask, input_ids=input_ids)
+            self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask, input_ids=input_ids,
+                                     texts=None if texts is None else list(texts),
+                                     has_image=None if images is None else [im is not None for im in images])
             return None
         return [RoutingDecision((), (), "none")] * batch
 
@@ -261,7 +268,7 @@ class LUMoEEngine:
         batch = self._batch(images, prompts)
         batch.pop("position_ids")  # generate derives the same positions from the attention mask
         am = batch["attention_mask"]
-        decisions = self._route(given, am, am, batch["input_ids"])
+        decisions = self._route(given, am, am, batch["input_ids"], prompts, images)
         tok = self.tokenizer
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -287,7 +294,7 @@ class LUMoEEngine:
         labels = batch.pop("labels")
         am = batch["attention_mask"]
         prompt_mask = am * (labels == IGNORE).to(am.dtype)
-        decisions = self._route(given, am, prompt_mask, batch["input_ids"])
+        decisions = self._route(given, am, prompt_mask, batch["input_ids"], prompts, images)
         try:
             logits = self.model(**batch).logits
         finally:
@@ -310,8 +317,7 @@ class LUMoEEngine:
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
         features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
-        weights, ids = self.gate.route(features, top_k=self.top_k, input_ids=pending.input_ids,
-                                       attention_mask=pending.prompt_mask)
+        weights, ids = self.gate.route(features, top_k=self.top_k, texts=pending.texts, has_image=pending.has_image)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
         slots, w, decisions = self._gate_routing(weights, ids)
         pending.decisions = decisions

@@ -10,7 +10,8 @@
     ledger: expert_saved
       -> gate.add_expert + gate.save   positives: the request's forget queries (+ rewordings); negatives: the
                                        retain queries the caller names and the forget queries of the requests
-                                       learned before; calibrated; the request's names for the name channel
+                                       learned before; calibrated; the request's names (entities and aliases,
+                                       as text) for the name channel
     ledger: gate_updated
 
 A request whose expert is already in the bank (a run that stopped after saving it; with ``content_hash``, only an
@@ -127,18 +128,19 @@ class FeatureCache:
         return torch.stack([self.cache[r.uid] for r in records])
 
 
-def request_names(request: Request, processor) -> list[list[int]]:
-    """The gate's name-channel token sequences of a request: the names of the entities it forgets (its
+def request_names(request: Request) -> list[str]:
+    """The gate's names of a request, as text: the names of the entities it forgets (its
     ``metadata["named_entities"]`` when set: a request file's own names, never the id that stands in for a missing
-    "entity"; else its ``entities``, else those of its forget records), as the processor's tokenizer writes them
-    inside a prompt. No names: the request's expert is reached by the heads and the image channel only."""
-    from lumoe_engine.gate.gate import name_token_ids
-
-    if "named_entities" in (request.metadata or {}):
-        names = list(dict.fromkeys(request.metadata["named_entities"]))
+    "entity"; else its ``entities``, else those of its forget records), then the aliases it lists
+    (``metadata["aliases"]``), each once. The gate matches them in prompt texts (``gate.names``). No names: the
+    request's expert is reached by the heads and the image channel only."""
+    md = request.metadata or {}
+    if "named_entities" in md:
+        names = list(md["named_entities"])
     else:
-        names = list(dict.fromkeys(list(request.entities) or [r.entity for r in request.forget]))
-    return name_token_ids(processor, [n for n in names if n and n.strip()])
+        names = list(request.entities) or [r.entity for r in request.forget]
+    names += [a for a in (md.get("aliases") or ()) if isinstance(a, str)]
+    return list(dict.fromkeys(n.strip() for n in names if isinstance(n, str) and n.strip()))
 
 
 # --------------------------------------------------------------------------------------------------- the path
@@ -324,8 +326,10 @@ class RequestPipeline:
         pos, neg = self.features(data.positives), self.features(data.negatives)
         res.features = True
         if rid not in self.gate:
-            names = request_names(request, self.engine.processor) if self.gate_config.names else None
-            self.gate.add_expert(rid, pos, neg, **({"pos_groups": data.groups} if data.groups else {}), names=names)
+            names, neg_texts = (request_names(request), [r.question for r in data.negatives]) \
+                if self.gate_config.names else (None, None)
+            self.gate.add_expert(rid, pos, neg, **({"pos_groups": data.groups} if data.groups else {}), names=names,
+                                 neg_texts=neg_texts)
             self.gate.save(self.gate_dir)
             res.gate_added = True
         res.report = report = self.gate.reports.get(rid)

@@ -186,17 +186,47 @@ class Store:
             return None
         return ExpertBank.open(self.bank_dir, max_resident=1 if lazy else None, create=create)
 
-    def load_gate(self):
-        """The gate (None when the store has none yet). Refuses a damaged gate (ValueError naming the file)."""
-        from lumoe_engine.gate.gate import GATE_JSON, Gate
+    def load_gate(self, convert: bool = False, out: Callable[[str], None] = print):
+        """The gate (None when the store has none yet). Refuses a damaged gate (StoreError naming the file).
+
+        A gate of an older format whose names are token ids (``GateFormatError``): with ``convert`` (``process``
+        and ``revoke``, which hold the work lock), its experts' names are read again as text from the ledger's
+        stored requests (``pipeline.request_names``: entities and aliases) and the gate is saved in the current
+        format; without, a StoreError saying to run ``process``."""
+        from lumoe_engine.gate.gate import GATE_JSON, Gate, GateFormatError
 
         if not (self.gate_dir / GATE_JSON).exists():
             return None
         try:
             return Gate.load(self.gate_dir)
+        except GateFormatError as e:
+            if not convert:
+                raise StoreError(f"gate {self.gate_dir}: {e}") from None
+            try:
+                gate = Gate.load(self.gate_dir, names=_names_from_ledger_of(self))
+            except GateFormatError as e2:
+                raise StoreError(f"gate {self.gate_dir}: cannot convert it from the ledger ({e2})") from None
+            gate.save(self.gate_dir)
+            out(f"gate: names of {sum(bool(n) for n in gate.names)} experts rewritten as text from the ledger "
+                f"(gate format v{json.loads((self.gate_dir / GATE_JSON).read_text())['version']})")
+            return gate
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise StoreError(f"gate {self.gate_dir} cannot be loaded ({type(e).__name__}: {e}); restore it from a "
                              f"backup") from None
+
+
+def _names_from_ledger_of(store: Store) -> dict:
+    """{request id: its names as text (``pipeline.request_names``)} of every request whose stored copy reads."""
+    from lumoe_engine.pipeline import request_names
+
+    names = {}
+    with store.ledger(readonly=True) as led:
+        for rid in led.requests():
+            try:
+                names[rid] = request_names(led.spec(rid).to_request())
+            except (LedgerCorruptError, RequestError) as e:
+                log.warning("request %s: stored copy unreadable (%s); its gate entry keeps no names", rid, e)
+    return names
 
 
 def _expert_ids_on_disk(store: Store) -> tuple[set, set]:
@@ -417,7 +447,7 @@ def process(store: Store, opts: Optional[ProcessOptions] = None, out: Callable[[
     results: dict[str, str] = {}
     with store.work_lock():
         bank = store.open_bank()  # validates every expert file before anything else happens
-        gate = store.load_gate()
+        gate = store.load_gate(convert=True, out=out)
         with store.ledger(wait=LEDGER_WAIT_S) as led:
             for m in reconcile(store, led, bank, gate):
                 out(m)
@@ -540,7 +570,7 @@ def revoke(store: Store, request_id: str, reason: Optional[str] = None, wait: fl
     out(f"{request_id}: {'revoked' if changed else 'already revoked'}")
     try:
         with store.work_lock():
-            gate = store.load_gate()
+            gate = store.load_gate(convert=True, out=out)
             if gate is not None and request_id in gate:
                 gate.remove_expert(request_id)
                 gate.save(store.gate_dir)

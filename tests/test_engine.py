@@ -170,8 +170,9 @@ class FixedGate:
         m = attention_mask.bool().unsqueeze(-1).float()
         return (hidden.float() * m).sum(1) / m.sum(1)
 
-    def route(self, features, top_k=1, renormalize=True, input_ids=None, attention_mask=None):
+    def route(self, features, top_k=1, renormalize=True, texts=None, has_image=None):
         self.calls += 1
+        self.texts, self.has_image = texts, has_image
         self.features.append(features.detach().clone())
         return self.weights[:features.shape[0]], self.ids[:features.shape[0]]
 
@@ -188,6 +189,7 @@ def test_gate_routes_in_the_prefill_pass_from_base_features(tokenizer):
     layer0.register_forward_hook(lambda m, a, o: calls.append(tuple(o.shape[:2])))
     res = engine.generate(imgs, PROMPTS[:4], max_new_tokens=NEW, min_new_tokens=NEW)
     assert gate.calls == 1
+    assert gate.texts == list(PROMPTS[:4]) and gate.has_image == [True, True, True, False]  # the name channel's input
     assert len(calls) == NEW, f"decoder layer {GATE_LAYER} ran {len(calls)} times for {NEW} tokens: one prefill only"
     assert res.routing[0] == RoutingDecision(("e0",), (pytest.approx(0.9),), "gate")
     assert res.routing[1] == RoutingDecision((), (), "gate")

@@ -23,6 +23,12 @@ Metrics per setting (top-1 routing; "right" = the expert of the query's request)
 - route_acc_request_image_text / _text_only: the request data itself (what the gate was fitted on, bar calibration);
 - route_acc_<form> for every test form (``TEST_FORMS``: image_text, text_only, reworded, name_variants, alias,
   fresh_scene): queries the gate never saw;
+- route_acc_typed_<variant> (``TYPED_VARIANTS``: lower, no_article, typo, all): the text-only test queries of each
+  forget entity that write its name, rewritten as people type it (``typed_name_records``: the name in lower case;
+  without the article before it; one typo - two neighbouring letters swapped - in a name of at least
+  ``TYPO_MIN_LETTERS`` letters; all three at once), built from the test queries only and measured only (nothing is
+  chosen on them). The name channel routes the text-only queries of an expert with names, so these measure its
+  text matching;
 - fpr_retain / fpr_unrequested / fpr_general: test queries of retain entities, of never-requested entities, and
   general-utility queries routed to any expert;
 - fnr: forget queries routed to no expert, per form; n_experts; per-head calibration (fpr_cal, tpr_cal).
@@ -56,6 +62,9 @@ SUMMARY_FILE = "gate_summary.json"
 # The gate configuration measured here is ``GateConfig`` (lumoe_engine/gate/config.py: the production defaults and
 # the measurements behind them); gate-eval uses its "strict" preset (target_fpr 0.001).
 SETTINGS = ("per_task", "per_entity")
+# gate-eval's own test form: a forget entity's name as people type it in its text-only test queries
+TYPED_VARIANTS = ("lower", "no_article", "typo", "all")
+TYPO_MIN_LETTERS = 6  # a name this long (letters, words joined) gets a typo (as "long" as the name channel's fuzzy)
 # the gate's targets on test data (the protocol's forms; fpr on retain / never-requested / general test queries)
 TARGETS = {"route_acc_fresh_scene": 0.97, "route_acc_reworded": 0.97, "route_acc_name_variants": 0.95,
            "route_acc_alias": 0.95, "fpr_retain": 0.01, "fpr_unrequested": 0.01, "fpr_general": 0.005}
@@ -66,7 +75,8 @@ def record_sets(bench, protocol: Optional[Protocol] = None) -> dict:
     """The records of the evaluation, by the protocol's split (``data.protocol``), from a loaded benchmark.
 
     returns {"tasks": [task names], "forget": {task: [entity, ...]}, "train": {entity: request data (the gate's
-    positives)}, "test": {entity: {test form: records}}, "retain_train": {task: the request data of its retain
+    positives)}, "test": {entity: {test form: records}}, "typed": {entity: {typed variant: records}} (built from
+    its text-only test records, ``typed_name_records``), "aliases": {entity: its aliases}, "retain_train": {task: the request data of its retain
     entities (negatives)}, "retain_eval": test records of the retain entities, "unrequested": test records of the
     never-requested entities, "general_pool": taught general queries (negatives), "general": general test queries,
     "split": the Split}
@@ -81,12 +91,67 @@ def record_sets(bench, protocol: Optional[Protocol] = None) -> dict:
     retain_ents = sorted({e for t in tasks for e in retain_of[t]})
     requested = forgotten | set(retain_ents)
     never = sorted(e for e in split.by_entity if e not in requested and e != GENERAL_ENTITY)
+    test = {e: split.test_sets([e]) for e in forgotten}
     return {"tasks": tasks, "forget": forget, "split": split,
             "train": {e: split.request_data(e) for e in forgotten},
-            "test": {e: split.test_sets([e]) for e in forgotten},
+            "test": test,
+            "typed": {e: typed_name_records(e, [r for f in TEST_FORMS for r in test[e][f] if r.form == "text_only"])
+                      for e in forgotten},
+            "aliases": {e: list(getattr(bench, "aliases", {}).get(e, ())) for e in forgotten},
             "retain_train": {t: [r for e in retain_of[t] for r in split.request_data(e)] for t in tasks},
             "retain_eval": split.retain_test(retain_ents), "unrequested": split.retain_test(never),
             "general_pool": list(split.general_pool), "general": list(split.general_test)}
+
+
+def _typo(word: str, seed: int) -> str:
+    """``word`` with two neighbouring, different letters swapped, at a seeded position (unchanged if none)."""
+    spots = [i for i in range(len(word) - 1) if word[i].isalpha() and word[i + 1].isalpha()
+             and word[i].lower() != word[i + 1].lower()]
+    if not spots:
+        return word
+    i = spots[seed % len(spots)]
+    return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+
+
+def typed_name_records(entity: str, records: Sequence[QARecord]) -> dict[str, list[QARecord]]:
+    """{variant: records}: each of ``records`` (text-only test queries) that writes ``entity`` as it is, with the
+    name rewritten as people type it (``TYPED_VARIANTS``): "lower" (lower case), "no_article" (the article before
+    the name dropped; only where there is one), "typo" (two neighbouring letters of its longest word swapped, at a
+    position seeded by the record; only a name of at least ``TYPO_MIN_LETTERS`` letters), "all" (every variant that
+    applies, at once). New uids ``<uid>~typed_<variant>``; the rest of the record is kept."""
+    import re
+
+    from lumoe_engine.seeding import stable_seed
+
+    out: dict[str, list[QARecord]] = {v: [] for v in TYPED_VARIANTS}
+    pat = re.compile(r"(?:\b((?i:the|a|an))\s+)?" + re.escape(entity) + r"\b")
+    letters = sum(ch.isalpha() for ch in entity)
+    for r in records:
+        m = pat.search(r.question)
+        if m is None:
+            continue
+        words = entity.split(" ")
+        j = max(range(len(words)), key=lambda k: len(words[k]))
+        typo = " ".join(_typo(w, stable_seed("typed-name", r.uid)) if k == j else w for k, w in enumerate(words))
+        variants = {"lower": (m.group(1), entity.lower()),
+                    "no_article": (None, entity) if m.group(1) else None,
+                    "typo": (m.group(1), typo) if letters >= TYPO_MIN_LETTERS and typo != entity else None}
+        applied = [v for v in ("lower", "no_article", "typo") if variants[v] is not None]
+        variants["all"] = (None if "no_article" in applied else m.group(1),
+                           (typo if "typo" in applied else entity).lower())
+        for v in TYPED_VARIANTS:
+            if variants[v] is None:
+                continue
+            art, name = variants[v]
+            q = r.question[:m.start()] + (f"{art} " if art else "") + name + r.question[m.end():]
+            if q != r.question:
+                out[v].append(dataclasses.replace(r, uid=f"{r.uid}~typed_{v}", question=q))
+    return out
+
+
+def typed_records(sets: dict) -> list[QARecord]:
+    """Every record of ``sets["typed"]`` (one list)."""
+    return [r for e in sets["typed"] for v in TYPED_VARIANTS for r in sets["typed"][e][v]]
 
 
 def requests_for(sets: dict, setting: str) -> list[tuple[str, str, list[str]]]:
@@ -115,8 +180,7 @@ def plain(cfg: GateConfig) -> GateConfig:
 
 def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, setting: str, config: GateConfig,
                     negatives: str = "seen", retain_pool: str = "all", extra: Optional[dict] = None,
-                    prompts: Optional[dict] = None, names: Optional[dict] = None, image_dim: int = 0
-                    ) -> tuple[Gate, dict]:
+                    names: Optional[dict] = None, image_dim: int = 0) -> tuple[Gate, dict]:
     """Build the gate of one setting request after request from precomputed features, then measure it.
 
     feats: [N, D] features of every record; index: record uid -> row of feats; config: the gate (``GateConfig``: its
@@ -128,16 +192,14 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     extra: {"pos": {entity: [n, D]}, "neg": {entity: [m, D]}}: features of the recipe's augmented positives and
         counterfactual negatives of each forget entity (used as the recipe says).
     image_dim: the last ``image_dim`` columns of feats are the image channel's (``features.image_pool``; 0: none).
-    prompts / names: the name channel (``Gate``): {uid: prompt token ids [S]} of every record and {entity: token-id
-        sequences of its name} (``prompt_ids``, ``gate.name_token_ids``); both or neither (then features alone route).
+    names: the name channel (``Gate``): {entity: its names as text (the name and its aliases: ``entity_names``)};
+        every query is routed with its question text; None: features alone route.
     returns (gate, metrics dict)
     """
     if negatives not in ("seen", "all"):
         raise ValueError(f"negatives={negatives!r}: expected 'seen' (lifelong) or 'all' (offline upper bound)")
     if retain_pool not in ("seen", "all"):
         raise ValueError(f"retain_pool={retain_pool!r}: expected 'all' (general pool) or 'seen' (tasks so far)")
-    if (prompts is None) != (names is None):
-        raise ValueError("prompts and names: pass both (the name channel) or neither")
     if (config.counterfactuals or config.augment) and extra is None:
         raise ValueError(f"recipe {recipe_name(config)} needs extra features (counterfactual / augmented queries)")
     if config.layer is None:
@@ -168,22 +230,23 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
                         pos_groups=labels if config.sub_heads and len(ents) > 1 else None,
-                        names=[q for e in ents for q in names[e]] if names is not None else None)
+                        names=[q for e in ents for q in names[e]] if names is not None else None,
+                        neg_texts=[r.question for r in neg_recs] if names is not None else None)
         t_add.append(time.perf_counter() - t0)
 
     expert_of = {e: eid for eid, _, ents in reqs for e in ents}
     groups = {f"request_{f}": [r for e in expert_of for r in sets["train"][e] if r.form == f] for f in REQUEST_FORMS}
     groups.update({f: [r for e in expert_of for r in sets["test"][e][f]] for f in TEST_FORMS})
+    # (typed-name queries where their features were computed: ``gate_eval`` adds them to the feature pass)
+    groups.update({f"typed_{v}": [r for e in expert_of for r in sets.get("typed", {}).get(e, {}).get(v, ())
+                                  if r.uid in index] for v in TYPED_VARIANTS})
 
     def top1(recs):
         if not recs:
             return []
         kw = {}
-        if prompts is not None and names is not None:
-            seqs = [prompts[r.uid] for r in recs]
-            S = max(len(q) for q in seqs)
-            kw["input_ids"] = torch.stack([torch.nn.functional.pad(q, (0, S - len(q))) for q in seqs])
-            kw["attention_mask"] = torch.stack([torch.arange(S) < len(q) for q in seqs]).long()
+        if names is not None:  # the question as the engine gets it, and whether an image comes with it
+            kw = dict(texts=[r.question for r in recs], has_image=[r.form == "image_text" for r in recs])
         _, ids = gate.route(rows(recs), 1, **kw)
         return [gate.expert_ids[i] if i >= 0 else None for i in ids[:, 0].tolist()]
 
@@ -203,6 +266,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
         m[f"fpr_{name}"] = _rate([g is not None for g in got])
         m[f"n_{name}"] = len(recs)
     reps = list(gate.reports.values())
+    m["names"] = {"exact_only": sum(len(r.names_exact_only) for r in reps),
+                  "negative_texts_naming": sum(r.name_neg_hits for r in reps)}
     m["heads"] = {"fpr_cal_max": max(r.fpr_cal for r in reps),
                   "tpr_cal_min": min(r.tpr_cal for r in reps if r.tpr_cal is not None),
                   "tpr_cal_mean": round(sum(r.tpr_cal for r in reps if r.tpr_cal is not None) / len(reps), 4),
@@ -225,7 +290,9 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
     choose an expert, so the bound is checked for every query (its worst case). With ``image_dim``, an image
     channel too: ``image_protos`` random unit prototypes per expert (the distinct images of one entity: 6 on the
     embedded default) in the channel's projected space (``image_bound_dim`` of ``image_dim`` columns), and
-    ``image_share`` of the queries carry an image (routed by the channel; the heads route the others).
+    ``image_share`` of the queries carry an image (routed by the channel; the heads route the others). The name
+    channel too: each expert has a two-word name, every query a question text (one in two names an expert), so the
+    text matching of every query is timed.
     """
     config = config or GateConfig()
     g = torch.Generator().manual_seed(seed)
@@ -235,7 +302,11 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
     weight = torch.randn(n_experts, gate.head_dim, generator=g) / math.sqrt(dim)
     protos = torch.nn.functional.normalize(torch.randn(n_experts * n_protos, gate.bound_width, generator=g), dim=1)
     gate.set_stacked([f"t{i}" for i in range(n_experts)], weight, torch.full((n_experts,), 4.0),
-                     protos=protos, proto_counts=[n_protos] * n_experts, sim_bounds=torch.zeros(n_experts))
+                     protos=protos, proto_counts=[n_protos] * n_experts, sim_bounds=torch.zeros(n_experts),
+                     names=[[f"Entity{i} Kerrowan"] for i in range(n_experts)])
+    texts = [f"Could you tell me the founding year of Entity{(7 * b) % n_experts} Kerrowan?" if b % 2 else
+             "Could you tell me the founding year of the company shown here?" for b in range(batch)]
+    has_image = [False] * batch
     x = torch.randn(batch, dim, generator=g)
     if image_dim:
         gate.image_dim = image_dim
@@ -248,12 +319,13 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
         img = torch.randn(batch, image_dim, generator=g)
         img[int(round(batch * image_share)):] = 0  # the rest: queries without an image
         x = torch.cat([x, img], 1)
+        has_image = [b < int(round(batch * image_share)) for b in range(batch)]
     for _ in range(10):
-        gate.route(x)
+        gate.route(x, texts=texts, has_image=has_image)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gate.route(x)
+        gate.route(x, texts=texts, has_image=has_image)
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return {"n_experts": n_experts, "batch": batch, "dim": dim, "head": head, "threads": torch.get_num_threads(),
@@ -290,34 +362,16 @@ def extra_features(model, processor, sets: dict, config: GateConfig, batch_size:
     return out, counts
 
 
-def prompt_ids(processor, records: Sequence[QARecord], batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """{uid: the prompt's token ids [S] (no padding)} as the engine batches them (``collate``, prompts only); image
-    records carry their image placeholder tokens (the image itself is not loaded)."""
-    from PIL import Image
-
-    from lumoe_engine.model.collate import collate
-
-    blank = Image.new("RGB", (8, 8))
-    out: dict[str, torch.Tensor] = {}
-    for s in range(0, len(records), batch_size):
-        chunk = list(records[s:s + batch_size])
-        b = collate(chunk, processor, with_answers=False, image_fn=lambda r: blank)
-        for r, ids, m in zip(chunk, b["input_ids"], b["attention_mask"]):
-            out[r.uid] = ids[m.bool()].clone()
-    return out
-
-
-def entity_names(processor, sets: dict) -> dict[str, list[list[int]]]:
-    """{forget entity: token-id sequences of its name} (``gate.name_token_ids``) for the name channel."""
-    from lumoe_engine.gate.gate import name_token_ids
-
-    return {e: name_token_ids(processor, [e]) for t in sets["tasks"] for e in sets["forget"][t]}
+def entity_names(sets: dict) -> dict[str, list[str]]:
+    """{forget entity: its names as text (the name, then its aliases)} for the name channel."""
+    return {e: [e] + list(sets.get("aliases", {}).get(e, ())) for t in sets["tasks"] for e in sets["forget"][t]}
 
 
 def _headline(m: dict) -> dict:
     return {k: m.get(k) for k in ("route_acc_request_image_text", "route_acc_image_text", "route_acc_text_only",
                                   "route_acc_reworded", "route_acc_name_variants", "route_acc_alias",
-                                  "route_acc_fresh_scene", "fpr_retain", "fpr_unrequested", "fpr_general",
+                                  "route_acc_fresh_scene", *[f"route_acc_typed_{v}" for v in TYPED_VARIANTS],
+                                  "fpr_retain", "fpr_unrequested", "fpr_general",
                                   "wrong_expert",
                               "meets_targets")}
 
@@ -353,7 +407,7 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
     names, image = config.names, config.image
 
     # features of every record, every layer and pooling, in one pass
-    records = list(sets["split"].benchmark.records)
+    records = list(sets["split"].benchmark.records) + typed_records(sets)
     index = {r.uid: i for i, r in enumerate(records)}
     layers = list(range(n_layers)) if sweep else [layer]
     poolings = list(POOLINGS) if sweep else [config.pooling]
@@ -370,7 +424,7 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
                 len(records), len(layers), len(poolings), t_feat, extra_counts, t_extra)
 
     common = dict(negatives=negatives, retain_pool=retain_pool)
-    channel = dict(prompts=prompt_ids(processor, records), names=entity_names(processor, sets)) if names else {}
+    channel = dict(names=entity_names(sets)) if names else {}
     summary: dict = {"config": {**config.to_dict(), "recipe": recipe_name(config),
                                 "protocol": dataclasses.asdict(protocol), "negatives": negatives,
                                 "retain_pool": retain_pool, "n_layers": n_layers, "extra_queries": extra_counts,
@@ -478,6 +532,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="no name channel: route by the pooled features alone")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return parser
 
 
@@ -503,6 +558,8 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
 
 def run(args: argparse.Namespace) -> dict:
     """Run ``gate-eval`` from parsed arguments; prints the headline numbers."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(int(args.threads))
     s = gate_eval(args.out, cache_dir=args.cache_dir, config=config_from_args(args), sweep=not args.no_sweep,
                   negatives=args.negatives, retain_pool=args.retain_pool,
                   batch_size=args.batch_size, seed=args.seed)

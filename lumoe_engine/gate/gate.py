@@ -50,17 +50,33 @@ default) 0.875 / 0.9 and 0 / 0; 1.5: 0.975 / 0.95 and 0.016 / 0; 2: 0.975 / 0.97
 fitted once like the feature standardiser. Queries without an image keep the heads (and the bound). Revoking an
 expert removes its image prototypes.
 
-Name channel (``add_expert(names=...)``): a request may also give the token-id sequences of the names it forgets
-(``name_token_ids``: each entity's name as the tokenizer writes it inside a prompt). ``route(features,
-input_ids=...)`` then sends a query whose prompt contains one of those sequences to that expert whatever its pooled
-features say: a query that names the entity is about it, however it is worded (measured on the taught embedded
-default: text-only queries in the held-out phrasing family reached the right expert 0.61 of the time through the
-heads and the bound alone). With ``text_by_name`` (default), a query without an image reaches an expert that has
-names only through them: the heads' choice of such an expert is dropped unless the prompt names it (on the taught
-embedded default the heads sent 12% of the text-only queries about never-requested entities to a request whose
-entities share their class and wording; a text-only query is about an entity when it names it). Rows with an image
-are told by the image columns, else by ``image_token_id`` in the prompt; with neither, and for experts without
-names or queries routed without ``input_ids``, the heads' decision stands. Names are saved with the gate.
+Name channel (``add_expert(names=...)``): a request gives the names of what it forgets, as text (its entities'
+names and the aliases its request lists). ``route(features, texts=...)`` matches them in each query's prompt text
+(``gate.names.NameIndex``: case, accents and punctuation normalised, a name's leading article dropped, whole words
+only, so "Moon" is not found in "Moonlight" or "honeymoon"; a name of at least ``name_fuzzy_chars`` letters also
+matches within ``name_max_edits`` typo; a name inside a longer name matched on the same words is the longer one's)
+and sends a query that names a request's entity to that expert whatever its pooled features say: a query that names
+the entity is about it, however it is worded (measured on the taught embedded default: text-only queries in the
+held-out phrasing family reached the right expert 0.61 of the time through the heads and the bound alone). A query
+that names several forgotten entities goes to each of their experts, in order of first mention, equal weights, as
+many as ``top_k`` allows (top_k = 1: the first named). The matching is on text, so it does not depend on the
+tokenizer (a SentencePiece tokenizer writes a name after "\\n", a quote or a bracket without its leading piece; a
+byte-level BPE splits "Moonlight" into "Moon" + "light": neither matters here). Measured by ``gate-eval`` on the
+taught embedded default (seed 0, both settings), text-only test queries with the name as people type it (lower
+case / without the article before it / one typo / all three; ``evaluate.typed_name_records``): routed 1.0 / 1.0 /
+1.0 / 1.0 (the former token-id channel: 0.0 / 1.0 / 0.0 / 0.0), every other form and false-positive rate unchanged
+(the test queries write the names exactly). Calibration of the names
+(``add_expert(neg_texts=...)``, the request's negatives' prompt texts): a name whose typo-tolerant match fires on a
+negative text is matched exactly only from then on (``HeadReport.names_exact_only``); negatives that name it exactly
+are counted (``name_neg_hits``), not hidden. With ``text_by_name`` (default), a query without an image reaches an
+expert that has names only through them: the heads' choice of such an expert is dropped unless the prompt names it
+(on the taught embedded default the heads sent 12% of the text-only queries about never-requested entities to a
+request whose entities share their class and wording; a text-only query is about an entity when it names it). Which
+rows carry an image: ``route(has_image=...)`` (the engine knows its queries), else the image columns (image
+channel); with neither, and for experts without names or queries routed without ``texts``, the heads' decision
+stands. Names are saved with the gate as strings (format v4); a v3 file whose names are token ids is refused with
+``GateFormatError`` unless ``Gate.load(names=...)`` gives each expert's names as text (the store does so from its
+ledger).
 
 Letters: B queries, D feature width (``dim``), F head input width (D or 2 D), E experts, H stacked sub-heads (>= E),
 k top-k, P positives (P_max: most prototypes of one expert), Q negatives, S prompt positions.
@@ -72,7 +88,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load as _st_load
@@ -81,12 +97,14 @@ from safetensors.torch import save as _st_save
 from lumoe_engine import ops
 from lumoe_engine.gate import features as _features
 from lumoe_engine.gate.config import HEADS
+from lumoe_engine.gate.names import NameIndex, normalize_name
 from lumoe_engine.fileio import atomic_write, validate_expert_id
 from lumoe_engine.model.bank import UnknownExpertError
 from lumoe_engine.seeding import stable_seed
 
 GATE_FORMAT = "lumoe-gate"
-GATE_FORMAT_VERSION = 3  # 3: name channel; 2: prototypes + similarity bounds; versions 1-2 load without them
+GATE_FORMAT_VERSION = 4  # 4: names as text; 3: names as token ids (refused unless names are given: GateFormatError);
+#                            2: prototypes + similarity bounds; versions 1-2 load without them (and without names)
 GATE_JSON = "gate.json"
 
 
@@ -126,6 +144,10 @@ class HeadReport:
     tpr_cal_bounded: Optional[float] = None
     n_image_protos: int = 0               # image channel: prototypes of the expert, bound of each positive group
     image_bounds: list = field(default_factory=list)
+    names: list = field(default_factory=list)             # name channel: the expert's names (text)
+    names_exact_only: list = field(default_factory=list)  # names whose typo match fired on a negative text
+    name_neg_hits: int = 0                # negative texts that name the expert exactly (they route to it)
+    n_neg_texts: int = 0                  # negative texts the names were checked on
 
 
 def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
@@ -287,40 +309,29 @@ def principal_directions(z: torch.Tensor, k: int) -> torch.Tensor:
     return vecs[:, -k:].flip(1).float().contiguous()
 
 
-def check_names(names, what: str = "names") -> list[tuple[int, ...]]:
-    """``names`` (token-id sequences, e.g. from ``name_token_ids``) as a list of non-empty int tuples, duplicates
-    dropped in order; ValueError naming the bad entry otherwise."""
+class GateFormatError(ValueError):
+    """A gate file this version cannot read as it is (e.g. a v3 file whose name channel holds token ids)."""
+
+
+def check_names(names, what: str = "names") -> list[str]:
+    """``names`` (an expert's names as text: its entities' names and aliases) as a list of stripped strings,
+    repeats (after ``names.normalize_name``) dropped in order; ValueError naming the bad entry otherwise."""
     if names is None:
         return []
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
-        raise ValueError(f"{what}: expected a list of token-id sequences (lists of ints), got {type(names).__name__}; "
-                         "build them with gate.name_token_ids(tokenizer, entity names)")
-    out: list[tuple[int, ...]] = []
-    for j, seq in enumerate(names):
-        if isinstance(seq, torch.Tensor):
-            seq = seq.tolist()
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)) or not seq or \
-                not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in seq):
-            raise ValueError(f"{what}[{j}]: expected a non-empty list of token ids (ints >= 0), got {seq!r}")
-        t = tuple(int(x) for x in seq)
-        if t not in out:
-            out.append(t)
-    return out
-
-
-def name_token_ids(tokenizer, names: Sequence[str]) -> list[list[int]]:
-    """The token-id sequences of ``names`` as they appear inside a prompt (``" " + name``: after a word, the usual
-    case), and at the start of a text when that tokenises differently; no special tokens. For ``add_expert(names=)``.
-    """
-    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor or a tokenizer
-    out: list[list[int]] = []
-    for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"names: expected non-empty strings, got {name!r}")
-        for text in (" " + name.strip(), name.strip()):
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
-            if ids and ids not in out:
-                out.append(ids)
+        raise ValueError(f"{what}: expected a list of names (strings), got {type(names).__name__}; pass e.g. "
+                         f"[\"Vorla Quintessa\", \"The Glass Widow\"]")
+    out: list[str] = []
+    seen: set = set()
+    for j, n in enumerate(names):
+        if not isinstance(n, str):
+            raise ValueError(f"{what}[{j}]: expected a name (a string), got {type(n).__name__} {n!r:.40}")
+        words = normalize_name(n)
+        if not words:
+            raise ValueError(f"{what}[{j}]: name {n!r} has no letter or digit; give the name as people write it")
+        if words not in seen:
+            seen.add(words)
+            out.append(n.strip())
     return out
 
 
@@ -350,7 +361,7 @@ class Gate:
                  bound_dim: Optional[int] = 128, image_dim: int = 0, image_token_id: Optional[int] = None,
                  image_bound_dim: Optional[int] = 128, n_image_protos: int = 16, image_floor: float = 0.9,
                  image_similarity: float = 0.95, image_candidates: int = 4, text_by_name: bool = True,
-                 image_slack: float = 1.0):
+                 image_slack: float = 1.0, name_fuzzy_chars: int = 6, name_max_edits: int = 1):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -402,6 +413,8 @@ class Gate:
         if not float(image_slack) > 0:
             raise ValueError(f"image_slack={image_slack!r}: expected > 0 (1: the weakest neighbour's distance)")
         self.image_slack = float(image_slack)
+        NameIndex(name_fuzzy_chars, name_max_edits)  # validates both
+        self.name_fuzzy_chars, self.name_max_edits = int(name_fuzzy_chars), int(name_max_edits)
         self.img_mean: Optional[torch.Tensor] = None   # [D_img] image standardiser (frozen once set)
         self.img_std: Optional[torch.Tensor] = None
         self.img_basis: Optional[torch.Tensor] = None  # [D_img, D_bi] principal directions (None: no projection)
@@ -427,14 +440,15 @@ class Gate:
         self._pcount: list[int] = []    # prototypes per expert (0: no bound for it)
         self._tau: list[float] = []     # cosine bound per expert
         self._bound_cache = None        # (start [E], count [E], tau [E]) tensors, rebuilt after changes
-        # name channel: token-id sequences per expert, and {first token: [(sequence, expert index)]} built lazily
-        self._names: list[list[tuple[int, ...]]] = []
-        self._name_index: Optional[dict] = None
+        # name channel: per expert its names (text) and those matched exactly only; the NameIndex built lazily
+        self._names: list[list[str]] = []
+        self._names_exact: list[list[str]] = []
+        self._name_index: Optional[NameIndex] = None
 
     @classmethod
     def from_config(cls, config, model) -> "Gate":
         """A new, empty gate for ``model`` by ``config`` (``GateConfig``): the resolved layer, the pooled width of its
-        language model, its image token id (queries with an image are told by it) and, with ``config.image``, the
+        language model, its image token id (the image channel finds the image positions by it) and, with ``config.image``, the
         image channel ([mean, max] of layer L's image states: 2 H columns, H the language model's hidden size)."""
         config.validate()
         layer = config.resolve_layer(len(_features.decoder_layers(model)))
@@ -554,7 +568,8 @@ class Gate:
 
     # ---------------------------------------------------------------------------------------------- learning
     def add_expert(self, expert_id: str, pos_feats: torch.Tensor, neg_feats: torch.Tensor,
-                   pos_groups: Optional[Sequence] = None, names: Optional[Sequence] = None) -> HeadReport:
+                   pos_groups: Optional[Sequence] = None, names: Optional[Sequence[str]] = None,
+                   neg_texts: Optional[Sequence[str]] = None) -> HeadReport:
         """Fit and calibrate the head of a new expert; no other head changes.
 
         pos_feats: [P, D] the request's queries (P >= 1); neg_feats: [Q, D] retain queries and other requests'
@@ -563,10 +578,10 @@ class Gate:
         firing where any of them fires (its score is their maximum); each sub-head is calibrated at
         ``target_fpr / groups``. A seeded ``calib_share`` of the negatives and of each group's positives is held out
         of the fit; thresholds are set on the held-out negatives (``calibrate_threshold``). Returns the expert's
-        ``HeadReport`` (also in ``reports``). names: token-id sequences of the names the request forgets
-        (``name_token_ids``) for the name channel (module docstring). Raises ValueError (bad id, duplicate id, wrong
-        width, empty or non-finite features, groups not matching the positives, malformed names); the gate is
-        unchanged.
+        ``HeadReport`` (also in ``reports``). names: the names the request forgets, as text (its entities' names and
+        aliases) for the name channel; neg_texts: the prompt texts of its negatives, on which the names are
+        calibrated (module docstring). Raises ValueError (bad id, duplicate id, wrong width, empty or non-finite
+        features, groups not matching the positives, malformed names); the gate is unchanged.
         """
         t0 = time.perf_counter()
         validate_expert_id(expert_id)
@@ -576,7 +591,10 @@ class Gate:
         pos_full = _check_features(pos_feats, self.feature_width, "pos_feats").detach().float().cpu()
         neg_full = _check_features(neg_feats, self.feature_width, "neg_feats").detach().float().cpu()
         pos, neg = self._text(pos_full), self._text(neg_full)
-        name_seqs = check_names(names)
+        name_list = check_names(names)
+        if neg_texts is not None and (isinstance(neg_texts, str) or not all(isinstance(t, str) for t in neg_texts)):
+            raise ValueError("neg_texts: expected a list of the negatives' prompt texts (strings)")
+        exact_only, neg_hits = self._calibrate_names(name_list, neg_texts or ())
         if pos_groups is None:
             groups = [torch.arange(len(pos))]
         else:
@@ -641,7 +659,9 @@ class Gate:
                             tpr_cal_bounded=fires(p_pos[pos_cal_rows], pos[pos_cal_rows]) if len(pos_cal_rows)
                             else None,
                             n_image_protos=sum(len(p) for p, _ in image[0]) if image else 0,
-                            image_bounds=[round(t, 6) for _, t in image[0]] if image else [])
+                            image_bounds=[round(t, 6) for _, t in image[0]] if image else [],
+                            names=list(name_list), names_exact_only=list(exact_only), name_neg_hits=neg_hits,
+                            n_neg_texts=len(neg_texts or ()))
         # commit (nothing above touched the heads)
         E, H = len(self.expert_ids), self._n_rows
         self._grow(H + len(heads))
@@ -655,11 +675,29 @@ class Gate:
         self._append_protos(protos, tau)
         self.expert_ids.append(expert_id)
         self._heads.append(len(heads))
-        self._names.append(name_seqs)
+        self._names.append(name_list)
+        self._names_exact.append(exact_only)
         self._name_index = None
         self._commit_image(image)
         self.reports[expert_id] = report
         return report
+
+    def _calibrate_names(self, names: list[str], neg_texts: Sequence[str]) -> tuple[list[str], int]:
+        """(the names whose typo-tolerant match fires on one of ``neg_texts``: matched exactly only, the number of
+        ``neg_texts`` that name one of ``names`` exactly)."""
+        if not names or not neg_texts:
+            return [], 0
+        idx = NameIndex(self.name_fuzzy_chars, self.name_max_edits)
+        idx.add(names)
+        by_words = {" ".join(normalize_name(n)): n for n in names}
+        fuzzy, hits = [], 0
+        for t in neg_texts:
+            ms = idx.matches(t)
+            hits += any(m.distance == 0 for m in ms)
+            for m in ms:
+                if m.distance > 0 and by_words[m.name] not in fuzzy:
+                    fuzzy.append(by_words[m.name])
+        return [n for n in names if n in fuzzy], hits
 
     # ------------------------------------------------------------------------------------------ similarity bound
     def _basis(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -969,12 +1007,14 @@ class Gate:
     def set_stacked(self, expert_ids: Sequence[str], weight: torch.Tensor, bias: torch.Tensor,
                     thresholds: Optional[torch.Tensor] = None, heads: Optional[Sequence[int]] = None,
                     protos: Optional[torch.Tensor] = None, proto_counts: Optional[Sequence[int]] = None,
-                    sim_bounds: Optional[torch.Tensor] = None, names: Optional[Sequence] = None) -> None:
+                    sim_bounds: Optional[torch.Tensor] = None, names: Optional[Sequence] = None,
+                    names_exact: Optional[Sequence] = None) -> None:
         """Install precomputed stacked heads, replacing all (loading, benchmarks): ``weight`` [H, F], ``bias`` [H]
         (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each);
         similarity bounds: ``protos`` [sum(proto_counts), D] unit prototypes, ``proto_counts`` per expert (0: no
-        bound), ``sim_bounds`` [E] (default: no bound for any expert); ``names``: per expert, its name-channel
-        token-id sequences (default none). Needs the standardiser (``fit_standardizer``) first."""
+        bound), ``sim_bounds`` [E] (default: no bound for any expert); ``names``: per expert, its names as text
+        (default none); ``names_exact``: per expert, those of its names matched exactly only (default none).
+        Needs the standardiser (``fit_standardizer``) first."""
         heads = [1] * len(expert_ids) if heads is None else [int(h) for h in heads]
         H = sum(heads)
         if self.mean is None:
@@ -988,11 +1028,17 @@ class Gate:
             validate_expert_id(eid)
         if len(set(expert_ids)) != len(expert_ids):
             raise ValueError("expert_ids: duplicate ids")
-        if names is not None and len(names) != len(expert_ids):
-            raise ValueError(f"names: expected one list of token-id sequences per expert ({len(expert_ids)}), got "
-                             f"{len(names)}")
+        for what, v in (("names", names), ("names_exact", names_exact)):
+            if v is not None and (isinstance(v, (str, bytes)) or len(v) != len(expert_ids)):
+                raise ValueError(f"{what}: expected one list of names (strings) per expert ({len(expert_ids)}), got "
+                                 f"{v!r:.80}")
         name_lists = [check_names(n, f"names[{e}]") for e, n in enumerate(names)] if names is not None else \
             [[] for _ in expert_ids]
+        exact_lists = [check_names(n, f"names_exact[{e}]") for e, n in enumerate(names_exact)] \
+            if names_exact is not None else [[] for _ in expert_ids]
+        for e, (ns, xs) in enumerate(zip(name_lists, exact_lists)):
+            if not {normalize_name(x) for x in xs} <= {normalize_name(n) for n in ns}:
+                raise ValueError(f"names_exact[{e}] {xs}: must be among the expert's names {ns}")
         counts = [0] * len(expert_ids) if protos is None else [int(c) for c in (proto_counts or [])]
         if protos is not None:
             if len(counts) != len(expert_ids) or min(counts, default=0) < 0:
@@ -1010,7 +1056,7 @@ class Gate:
         self._owner[:H] = torch.repeat_interleave(torch.arange(len(heads), device=dev),
                                                   torch.tensor(heads, dtype=torch.long, device=dev))
         self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
-        self._names, self._name_index = name_lists, None
+        self._names, self._names_exact, self._name_index = name_lists, exact_lists, None
         self._IP, self._igroups, self._img_cache = torch.zeros(0, self.image_width, device=dev), \
             [[] for _ in expert_ids], None
         self._P, self._pcount, self._tau, self._bound_cache = torch.zeros(0, self.bound_width, device=dev), [], [], None
@@ -1057,6 +1103,7 @@ class Gate:
         del self.expert_ids[e]
         del self._heads[e]
         del self._names[e]
+        del self._names_exact[e]
         self._name_index = None
         if self._igroups:
             i0 = sum(c for g in self._igroups[:e] for c, _ in g)
@@ -1101,23 +1148,28 @@ class Gate:
         return out.scatter_reduce_(1, owner, s, reduce="amax")  # an expert's score: its best sub-head
 
     def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
-              input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              texts: Optional[Sequence[str]] = None, has_image=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts each query goes to: the ``top_k`` highest calibrated logits that fire, else -1.
 
         ``ops.topk_routing(scores, top_k, scoring="sigmoid", threshold=0.5)``; with ``renormalize`` (default) the
         surviving weights of a row sum to 1 (top_k = 1: weight 1 for a routed query, 0 for none). Then the
         similarity bound of each chosen expert must hold, else that choice becomes -1 (module docstring). With an
         image channel, a row with an image gets the image channel's expert instead (``route_images``; top-1).
-        With no expert in the gate every query gets -1. With ``input_ids`` (the prompts, [B, S]; ``attention_mask``
-        [B, S] marks the positions to search, default all), a row whose prompt contains an expert's name
-        (``names``) goes to the named expert(s) instead, in order of first mention, weights equal (module docstring).
+        With no expert in the gate every query gets -1. With ``texts`` (each query's prompt text, as the user wrote
+        it: no chat template, no image tokens), a row whose text names an expert's entity (``names``) goes to the
+        named expert(s) instead, in order of first mention, weights equal, at most ``top_k``; ``has_image`` ([B]
+        bools: which queries carry an image) tells ``text_by_name`` the text-only rows (module docstring).
         features: [B, D]        returns weights [B, top_k] fp32, ids [B, top_k] int32 (-1 = no expert)
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
         x = _check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
         B, E = x.shape[0], len(self.expert_ids)
+        texts = self._check_texts(texts, B)
+        if has_image is not None:
+            has_image = torch.as_tensor(has_image, dtype=torch.bool).reshape(-1)
+            if has_image.shape[0] != B:
+                raise ValueError(f"has_image: {has_image.shape[0]} entries for {B} queries; pass one bool per query")
         weights = torch.zeros(B, top_k, dtype=torch.float32, device=x.device)
         ids = torch.full((B, top_k), -1, dtype=torch.int32, device=x.device)
         if E == 0 or B == 0:
@@ -1139,60 +1191,70 @@ class Gate:
             img = self._image_decisions(x[has, self.dim:])
             ids[has, 0] = img.to(ids.dtype)
             weights[has, 0] = (img >= 0).to(weights.dtype)
-        if input_ids is not None and any(self._names):
+        if texts is not None and any(self._names):
             # a query without an image reaches an expert with names only by naming it; which rows have an image:
-            # the image columns (image channel), else the prompt's image tokens (image_token_id), else unknown (off)
-            img_rows = has if has is not None else \
-                (input_ids == self.image_token_id).any(1) if self.image_token_id is not None else None
+            # has_image (the caller knows), else the image columns (image channel), else unknown (nothing dropped)
+            img_rows = has_image if has_image is not None else has
             if self.text_by_name and img_rows is not None:
                 named = torch.tensor([bool(n) for n in self._names], device=ids.device)
                 drop = (ids >= 0) & named[ids.long().clamp_min(0)] & ~img_rows.to(ids.device).unsqueeze(1)
                 if bool(drop.any()):
                     ids = torch.where(drop, torch.full_like(ids, -1), ids)
                     weights = torch.where(drop, torch.zeros_like(weights), weights)
-            for b, h in enumerate(self.name_hits(input_ids, attention_mask)):
+            rows, hit_ids, hit_w = [], [], []
+            for b, h in enumerate(self.name_hits(texts)):
                 if h:
                     h = h[:top_k]
-                    ids[b] = torch.tensor(h + [-1] * (top_k - len(h)), dtype=ids.dtype)
-                    weights[b] = torch.tensor([1.0 / len(h) if renormalize else 1.0] * len(h) +
-                                              [0.0] * (top_k - len(h)), dtype=weights.dtype)
+                    rows.append(b)
+                    hit_ids.append(h + [-1] * (top_k - len(h)))
+                    hit_w.append([1.0 / len(h) if renormalize else 1.0] * len(h) + [0.0] * (top_k - len(h)))
+            if rows:  # one write for every named row
+                r = torch.tensor(rows, device=ids.device)
+                ids[r] = torch.tensor(hit_ids, dtype=ids.dtype).to(ids.device)
+                weights[r] = torch.tensor(hit_w, dtype=weights.dtype).to(weights.device)
         return weights, ids
 
+    @staticmethod
+    def _check_texts(texts, B: Optional[int] = None) -> Optional[list[str]]:
+        if texts is None:
+            return None
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or \
+                not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts: expected a list of prompt texts (strings, one per query), got "
+                             f"{type(texts).__name__}")
+        if B is not None and len(texts) != B:
+            raise ValueError(f"texts: {len(texts)} prompt texts for {B} queries; pass one per query")
+        return list(texts)
+
     @property
-    def names(self) -> list[list[tuple[int, ...]]]:
-        """Per expert (routing order), the token-id sequences of its name channel (empty: none)."""
+    def names(self) -> list[list[str]]:
+        """Per expert (routing order), its names as text (empty: no name channel for it)."""
         return [list(n) for n in self._names]
 
-    def name_hits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> list[list[int]]:
-        """Per row of ``input_ids`` [B, S], the experts (routing ids) one of whose name sequences occurs among the
-        positions where ``attention_mask`` [B, S] is non-zero (default all), in order of first occurrence.
-        One host copy of the ids; a dictionary lookup per position (first token -> candidate sequences)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected an int tensor [B, S], got "
-                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)}: expected the shape of input_ids "
-                             f"{tuple(input_ids.shape)}")
+    @property
+    def names_exact(self) -> list[list[str]]:
+        """Per expert, those of its names matched exactly only (calibration: their typo match fired on a negative)."""
+        return [list(n) for n in self._names_exact]
+
+    @property
+    def name_index(self) -> NameIndex:
+        """The ``NameIndex`` of every expert's names (routing ids), built on first use after a change."""
         if self._name_index is None:
-            index: dict = {}
-            for e, seqs in enumerate(self._names):
-                for seq in seqs:
-                    index.setdefault(seq[0], []).append((seq, e))
-            self._name_index = index
-        index = self._name_index
-        rows = input_ids.to("cpu", torch.long).tolist()
-        masks = attention_mask.to("cpu").ne(0).tolist() if attention_mask is not None else None
-        out: list[list[int]] = []
-        for b, row in enumerate(rows):
-            if masks is not None:
-                row = [t if m else -1 for t, m in zip(row, masks[b])]
-            found: list[int] = []
-            for i, t in enumerate(row):
-                for seq, e in index.get(t, ()):
-                    if e not in found and tuple(row[i:i + len(seq)]) == seq:
-                        found.append(e)
-            out.append(found)
-        return out
+            idx = NameIndex(self.name_fuzzy_chars, self.name_max_edits)
+            for e, (ns, xs) in enumerate(zip(self._names, self._names_exact)):
+                idx.add(ns)
+                for x in xs:
+                    idx.exact_only(e, normalize_name(x))
+            self._name_index = idx
+        return self._name_index
+
+    def name_hits(self, texts: Sequence[str]) -> list[list[int]]:
+        """Per prompt text, the experts (routing ids) whose names it mentions, in order of first mention."""
+        texts = self._check_texts(texts)
+        if not any(self._names):
+            return [[] for _ in texts]
+        idx = self.name_index
+        return [idx.find(t) for t in texts]
 
     def _veto(self, features: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, renormalize: bool):
         """The similarity bound on the chosen experts only: a choice whose nearest prototype is under its expert's
@@ -1230,7 +1292,8 @@ class Gate:
                 "image_token_id": self.image_token_id, "image_bound_dim": self.image_bound_dim,
                 "n_image_protos": self.n_image_protos, "image_floor": self.image_floor,
                 "image_similarity": self.image_similarity, "image_candidates": self.image_candidates,
-                "text_by_name": self.text_by_name, "image_slack": self.image_slack}
+                "text_by_name": self.text_by_name, "image_slack": self.image_slack,
+                "name_fuzzy_chars": self.name_fuzzy_chars, "name_max_edits": self.name_max_edits}
 
     def save(self, path) -> Path:
         """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
@@ -1262,7 +1325,7 @@ class Gate:
         atomic_write(folder / name, data)
         meta = {"format": GATE_FORMAT, "version": GATE_FORMAT_VERSION, "config": self.config(),
                 "expert_ids": list(self.expert_ids), "heads": list(self._heads), "proto_counts": list(self._pcount),
-                "names": [[list(seq) for seq in n] for n in self._names],
+                "names": [list(n) for n in self._names], "names_exact": [list(n) for n in self._names_exact],
                 "image_groups": [[[c, t] for c, t in g] for g in self._igroups],
                 "tensors": name, "sha256": sha,
                 "reports": {k: asdict(v) for k, v in self.reports.items()}}
@@ -1276,8 +1339,13 @@ class Gate:
         return folder
 
     @classmethod
-    def load(cls, path) -> "Gate":
-        """A gate saved by ``save`` into folder ``path`` (checks format, sha256 and shapes)."""
+    def load(cls, path, names: Optional[Mapping[str, Sequence[str]]] = None) -> "Gate":
+        """A gate saved by ``save`` into folder ``path`` (checks format, sha256 and shapes).
+
+        Versions 1-2 load without a name channel, version 3 without names if it had none. A version-3 file whose
+        name channel holds token ids (the names as one tokenizer wrote them) cannot be read as text: it is a
+        ``GateFormatError`` unless ``names`` gives {expert id: its names as text} for every expert (the requests'
+        entities and aliases, e.g. from a ledger); save it again to write format v4."""
         import hashlib
 
         folder = Path(path)
@@ -1288,7 +1356,7 @@ class Gate:
             meta = json.loads(jpath.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{jpath}: not valid JSON ({exc})") from None
-        if meta.get("format") != GATE_FORMAT or meta.get("version") not in (1, 2, GATE_FORMAT_VERSION):
+        if meta.get("format") != GATE_FORMAT or meta.get("version") not in (1, 2, 3, GATE_FORMAT_VERSION):
             raise ValueError(f"{jpath}: format {meta.get('format')!r} v{meta.get('version')!r}, expected "
                              f"{GATE_FORMAT!r} v{GATE_FORMAT_VERSION}")
         tpath = folder / meta["tensors"]
@@ -1328,14 +1396,31 @@ class Gate:
                 ("sim_bounds" in t and tuple(t["sim_bounds"].shape) != (E,)):
             raise ValueError(f"{tpath}: prototypes {None if protos is None else tuple(protos.shape)} / sim_bounds do "
                              f"not match proto_counts {counts} of {jpath}")
-        names = meta.get("names")  # version 3; older gates have no name channel
-        if names is not None and (not isinstance(names, list) or len(names) != E):
-            raise ValueError(f"{jpath}: 'names' must hold one list of token-id sequences per expert ({E})")
+        names_doc, exact_doc = meta.get("names"), meta.get("names_exact")  # versions 1-2: no name channel
+        if names_doc is not None and (not isinstance(names_doc, list) or len(names_doc) != E):
+            raise ValueError(f"{jpath}: 'names' must hold one list of names per expert ({E})")
+        if meta.get("version") == 3:  # names as token ids: not text
+            exact_doc = None
+            if names_doc is not None and any(names_doc):
+                missing = [] if names is None else [e for e in ids if e not in names]
+                if names is None or missing:
+                    n = sum(bool(x) for x in names_doc)
+                    raise GateFormatError(
+                        f"{jpath}: a format v3 gate whose name channel holds token ids ({n} of {E} experts have "
+                        f"names); this version (v{GATE_FORMAT_VERSION}) matches names as text and cannot turn token "
+                        f"ids back into names. A store converts it from its ledger: run `run.py process --store "
+                        f"STORE` once; a stream run: run it again into a new --out (or pass Gate.load(names=...) "
+                        f"the names of every expert" + (f"; missing: {missing[:5]}" if missing else "") + ")")
+                names_doc = [list(names[e]) for e in ids]
+            else:
+                names_doc = None
+        if exact_doc is not None and (not isinstance(exact_doc, list) or len(exact_doc) != E):
+            raise ValueError(f"{jpath}: 'names_exact' must hold one list of names per expert ({E})")
         if E:
             gate.set_stacked(ids, t["weight"], t["bias"], t["threshold"], heads,
                              protos=protos if protos is not None else None,
                              proto_counts=counts if protos is not None else None, sim_bounds=t.get("sim_bounds"),
-                             names=names)
+                             names=names_doc, names_exact=exact_doc)
         if "img_mean" in t:
             groups = meta.get("image_groups")
             n = sum(int(c) for g in (groups or []) for c, _ in g)

@@ -34,8 +34,11 @@ _NON_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 def normalize_text(text: str) -> list[str]:
     """The words of ``text``: NFKD, accents removed, case folded, split at every non-letter/digit character."""
-    t = unicodedata.normalize("NFKD", text or "")
-    t = "".join(ch for ch in t if not unicodedata.combining(ch)).casefold()
+    t = text or ""
+    if not t.isascii():  # (ASCII text has nothing to decompose and no accents)
+        t = unicodedata.normalize("NFKD", t)
+        t = "".join(ch for ch in t if not unicodedata.combining(ch))
+    t = t.casefold()
     return [w for w in _NON_WORD.split(t) if w]
 
 
@@ -88,6 +91,7 @@ class NameIndex:
         self._exact: dict[tuple[str, ...], list[int]] = defaultdict(list)  # words -> experts
         self._lengths: set[int] = set()
         self._fuzzy: dict[tuple[int, str], list[tuple[str, int, tuple[str, ...]]]] = defaultdict(list)
+        self._fuzzy_len: dict[int, set[int]] = defaultdict(set)  # words -> lengths (joined) of fuzzy names
         for e, names in enumerate(self.names):
             for words in names:
                 self._index(e, words)
@@ -100,6 +104,7 @@ class NameIndex:
         if self.max_edits and self.fuzzy(words) and words not in self._exact_only[e]:
             for key in _deletions(joined) | {joined}:
                 self._fuzzy[(len(words), key)].append((joined, e, words))
+            self._fuzzy_len[len(words)].update(range(len(joined) - self.max_edits, len(joined) + self.max_edits + 1))
 
     def fuzzy(self, words: tuple[str, ...]) -> bool:
         """Whether a name of these words is long enough to be matched within one edit."""
@@ -147,9 +152,9 @@ class NameIndex:
                 if hit:
                     out += [NameMatch(e, " ".join(window), i, window, 0) for e in hit]
                     continue
-                if not self._fuzzy:
-                    continue
                 joined = " ".join(window)
+                if len(joined) not in self._fuzzy_len.get(n, ()):
+                    continue  # no fuzzy name within max_edits of this length (the edit distance is >= the gap)
                 seen = set()
                 for key in _deletions(joined) | {joined}:
                     for name, e, nw in self._fuzzy.get((n, key), ()):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -94,11 +95,11 @@ class LUMoERunner:
     def __init__(self, model, processor, bench, requests: Sequence[Request], cfg: StreamConfig, out: Path,
                  rank: int, max_new: int, split=None):
         from lumoe_engine.engine import LUMoEEngine
-        from lumoe_engine.gate.gate import GATE_JSON, Gate
+        from lumoe_engine.gate.gate import GATE_FORMAT_VERSION, GATE_JSON, Gate
         from lumoe_engine.ledger import Ledger
         from lumoe_engine.model.bank import ExpertBank
         from lumoe_engine.model.placement import compute_dtype, model_device, place_gate
-        from lumoe_engine.pipeline import LEARN_ERRORS, RequestPipeline
+        from lumoe_engine.pipeline import LEARN_ERRORS, RequestPipeline, request_names
         from lumoe_engine.stream.parallel import WaveTrainer
 
         self.cfg, self.bench, self.requests, self.out, self.rank = cfg, bench, list(requests), Path(out), rank
@@ -115,7 +116,12 @@ class LUMoERunner:
             if rank == 0:
                 self.bank = ExpertBank.open(self.out / "bank", create=True, **where)
                 gate_dir = self.out / "gate"
-                self.gate = Gate.load(gate_dir) if (gate_dir / GATE_JSON).is_file() else Gate.from_config(gate_cfg, model)
+                self.gate = Gate.from_config(gate_cfg, model)
+                if (gate_dir / GATE_JSON).is_file():
+                    # (an older gate whose names are token ids gets its names as text from the stream's requests)
+                    self.gate = Gate.load(gate_dir, names={r.id: request_names(r) for r in self.requests})
+                    if json.loads((gate_dir / GATE_JSON).read_text()).get("version") != GATE_FORMAT_VERSION:
+                        self.gate.save(gate_dir)
                 reconcile_bank_and_gate(self.ledger, self.bank, self.gate, gate_dir)
                 # one slot per request of the stream now: every add writes into a free slot, never a reallocation
                 # (unwritten slots cost no resident memory on the CPU; on a GPU they are the plan's resident experts)
