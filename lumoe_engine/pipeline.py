@@ -81,23 +81,29 @@ class GateData:
 
 
 def gate_training_set(request: Request, learned: Sequence[Request], retain_sources: Sequence[Request],
-                      config: GateConfig) -> GateData:
+                      config: GateConfig, test_keys: Optional[set] = None) -> GateData:
     """The gate training set of ``request`` by ``config``'s recipe.
 
     positives: the request's forget queries, plus ``config.augment`` word-level rewordings of each
     (``features.augmented_records``); negatives: the retain queries of ``retain_sources`` (in order, without
     repeats), the forget queries of every request in ``learned``, plus (``config.counterfactuals``) the request's
     images and names recombined with other classes' wordings; groups: the entity of each positive when
-    ``config.sub_heads`` and the request forgets several, else None. RequestError when there is no negative."""
+    ``config.sub_heads`` and the request forgets several, else None. ``test_keys``: a generated record (rewording,
+    recombination) that is a test query is left out (``protocol.without_test_queries``). RequestError when there is
+    no negative."""
+    from lumoe_engine.data.protocol import without_test_queries
     from lumoe_engine.gate.features import augmented_records, counterfactual_records
+
+    def generated(records):
+        return without_test_queries(records, test_keys) if test_keys else records
 
     retain = dedupe([r for q in retain_sources for r in q.retain])
     negatives = retain + [r for q in learned for r in q.forget]
     positives = list(request.forget)
     if config.augment:
-        positives += augmented_records(request.forget, config.augment, seed=config.seed)
+        positives += generated(augmented_records(request.forget, config.augment, seed=config.seed))
     if config.counterfactuals and retain:
-        negatives += counterfactual_records(request.forget, retain, seed=config.seed)
+        negatives += generated(counterfactual_records(request.forget, retain, seed=config.seed))
     negatives = dedupe(negatives)
     if not negatives:
         raise RequestError(f"request {request.id!r}: no negative queries for its gate head (no retain records and no "
@@ -204,8 +210,8 @@ class RequestPipeline:
         return self._ledger() if (self._ledger is not None and self.writer) else contextlib.nullcontext(None)
 
     def gate_data(self, request: Request, learned: Sequence[Request], retain_sources: Sequence[Request]) -> GateData:
-        data = gate_training_set(request, learned, retain_sources, self.gate_config)
-        if self.test_keys:
+        data = gate_training_set(request, learned, retain_sources, self.gate_config, self.test_keys)
+        if self.test_keys:  # what remains comes from the requests' own data: a test query there is an error
             check_disjoint(data.positives + data.negatives, self.test_keys,
                            f"request {request.id!r}: its gate training set")
         return data

@@ -190,6 +190,15 @@ class Split:
         return keys
 
 
+def without_test_queries(records: Sequence[QARecord], test_keys: set) -> list[QARecord]:
+    """``records`` without those that have the (image, question) of a test query. For data a component *generates*
+    from request data (the gate's rewordings and recombinations): a generated query can coincide with a test query
+    ("Who started this company?" about a company, written with its name, is a held-out text-only query), and
+    training on it would make that test query seen. Data a request *carries* is checked instead (``check_disjoint``:
+    an error)."""
+    return [r for r in records if (_picture(r), r.question) not in test_keys]
+
+
 def check_disjoint(records: Iterable[QARecord], test_keys: set, what: str) -> None:
     """ProtocolError when any of ``records`` has the (image, question) of a test query (``Split.test_keys``)."""
     hits = [r for r in records if (_picture(r), r.question) in test_keys]
@@ -199,5 +208,5 @@ def check_disjoint(records: Iterable[QARecord], test_keys: set, what: str) -> No
                             f"data must never reach a trainer, a gate or calibration (lumoe_engine/data/protocol.py)")
 
 
-__all__ = ["Protocol", "Split", "ProtocolError", "check_disjoint", "REQUEST_FORMS", "TEST_FORMS", "RETAIN_SETS",
+__all__ = ["Protocol", "Split", "ProtocolError", "check_disjoint", "without_test_queries", "REQUEST_FORMS", "TEST_FORMS", "RETAIN_SETS",
            "NAME_VARIANTS"]

@@ -342,8 +342,10 @@ def extra_features(model, processor, sets: dict, config: GateConfig, batch_size:
     """Features of the recipe's extra queries of every forget entity (counterfactual negatives drawn against the
     gate-training share of the retain sets; rewordings as positives): ({"pos": {e: [n, D]}, "neg": {e: [m, D]}},
     counts)."""
+    from lumoe_engine.data.protocol import without_test_queries
     from lumoe_engine.gate.features import augmented_records, base_features, counterfactual_records
 
+    keys = sets["split"].test_keys()  # a generated query that is a test query is left out (as in the pipeline)
     pool = list({r.uid: r for t in sets["tasks"] for r in sets["retain_train"][t]}.values())
     unk = getattr(getattr(processor, "tokenizer", processor), "unk_token", None) or "<unk>"
     out: dict = {"pos": {}, "neg": {}}
@@ -355,6 +357,7 @@ def extra_features(model, processor, sets: dict, config: GateConfig, batch_size:
                            else []),
                           ("pos", augmented_records(recs, config.augment, seed=seed + i, unk_token=unk)
                            if config.augment else [])):
+            new = without_test_queries(new, keys)
             if new:
                 out[kind][e] = base_features(model, processor, new, config.layer, batch_size, config.pooling,
                                              image=image)
