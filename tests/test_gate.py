@@ -6,7 +6,6 @@ Letters: B queries, D feature width, E experts.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -207,21 +206,19 @@ def test_thousand_experts_route_correctly():
     C = _centers(E, D, seed=3, radius=8.0)
     g = Gate(layer=2, dim=D)
     bg = _background(128, D)
-    t0 = time.perf_counter()
     for e in range(E):
         # negatives: background and the previous expert's queries (what the bank holds when e arrives)
         neg = torch.cat([bg, _cloud(C[e - 1], 4, 10_000 + e)]) if e else bg
         g.add_expert(f"r{e}", _cloud(C[e], 6, e, noise=0.2), neg)
-    t_add = time.perf_counter() - t0
     q = torch.cat([_cloud(C[e], 1, 50_000 + e, noise=0.2) for e in range(E)])
     _, ids = g.route(q)
     acc = float((ids[:, 0].long() == torch.arange(E)).float().mean())
     nothing = _background(500, D, seed=7)
     fpr = float((g.route(nothing)[1][:, 0] >= 0).float().mean())
-    print(f"1000 experts: route acc {acc:.4f}, fpr {fpr:.4f}, add {1e3 * t_add / E:.1f} ms/expert")
+    print(f"1000 experts: route acc {acc:.4f}, fpr {fpr:.4f}")
     assert acc >= 0.99 and fpr <= 0.01
-    # (its decision time at 1,000 experts is measured by benchmarks/bench_engine.py, not here: speed belongs in
-    # benchmarks)
+    # (its fit and decision times at 1,000 experts are measured by benchmarks/bench_engine.py, not here: speed
+    # belongs in benchmarks)
 
 
 # ------------------------------------------------------------------------------------------------------ pooling
