@@ -6,6 +6,7 @@ Legend: E resident experts, C slot capacity, r rank, R max rank, H input feature
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -467,7 +468,7 @@ def test_export_peft_loads_in_peft(tmp_path, tiny_llama):
     out = bank.export_peft(ex.id, tmp_path / "adapter", base_model_name_or_path="tiny-llama")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 12
-    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["task_type"] is None
+    assert cfg["target_modules"] == [q0, v1] and cfg["task_type"] is None  # exact dotted names
     keys = set(load_file(str(out / "adapter_model.safetensors")))
     assert keys == {f"base_model.model.{m}.lora_{p}.weight" for m in (q0, v1) for p in "AB"}
     pm = peft.PeftModel.from_pretrained(build(), str(out))
@@ -477,10 +478,22 @@ def test_export_peft_loads_in_peft(tmp_path, tiny_llama):
         layer = pm.base_model.model.get_submodule(m)
         x = torch.randn(3, shapes[m][0], generator=g)
         torch.testing.assert_close(layer(x) - layer.base_layer(x), (x @ a.T) @ b.T * 3.0, rtol=1e-5, atol=1e-5)
-    # a module peft wraps (q_proj of layer 1) for which the expert has no weights stays a zero delta
-    assert not _peft_delta(pm, "model.layers.1.self_attn.q_proj").any()
+    # peft wraps the expert's own modules and nothing else (q_proj of layer 1 stays the plain Linear)
+    wrapped = sorted(n for n, mod in pm.base_model.model.named_modules() if hasattr(mod, "lora_A"))
+    assert wrapped == [q0, v1]
+    assert type(pm.base_model.model.get_submodule("model.layers.1.self_attn.q_proj")) is torch.nn.Linear
+    # short names on request: peft also wraps the other modules so named, each with a zero delta
+    out2 = bank.export_peft(ex.id, tmp_path / "adapter_short", target_modules=["q_proj", "v_proj"])
+    assert json.loads((out2 / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about the wrapped modules' missing keys
+        pm2 = peft.PeftModel.from_pretrained(build(), str(out2))
+    assert not _peft_delta(pm2, "model.layers.1.self_attn.q_proj").any()
+    torch.testing.assert_close(_peft_delta(pm2, q0), _peft_delta(pm, q0))
     with pytest.raises(ValueError, match="do not cover"):
         bank.export_peft(ex.id, tmp_path / "adapter2", target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="do not cover"):
+        bank.export_peft(ex.id, tmp_path / "adapter3", target_modules=["_proj"])  # a name ends at a dot
 
 
 @pytest.mark.parametrize("rslora", [False, True])

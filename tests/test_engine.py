@@ -58,15 +58,17 @@ def setup(tokenizer, n_experts=3, gate=None, top_k=1):
 
 def peft_model(base, bank, folder, full_names: bool):
     """PeftModel over ``base`` with every bank expert loaded as an adapter named by its id (bank.export_peft).
-    full_names: restrict peft to the experts' own modules (exact dotted names) instead of the exported short names
+    full_names: the export's default (the experts' own modules by their exact dotted names); else short target names
     (which also wrap the vision tower's q/k/v and so need an image in every row under adapter_names)."""
     pm = None
     for eid in bank.ids:
-        out = bank.export_peft(eid, folder / eid)
         if full_names:
-            cfg = json.loads((out / "adapter_config.json").read_text())
-            cfg["target_modules"] = sorted(bank.get(eid).weights)
-            (out / "adapter_config.json").write_text(json.dumps(cfg))
+            out = bank.export_peft(eid, folder / eid)
+            assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == \
+                sorted(bank.get(eid).weights)
+        else:
+            short = sorted({m.rsplit(".", 1)[-1] for m in bank.get(eid).weights})
+            out = bank.export_peft(eid, folder / eid, target_modules=short)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if pm is None:
@@ -129,9 +131,9 @@ def test_generate_and_score_equal_peft_mixed_batch(tokenizer, tmp_path):
     assert all(c > 0 for c in sc.token_counts)
 
 
-def test_export_to_peft_default_config_same_outputs(tokenizer, tmp_path):
-    """bank.export_peft as written (short target names) -> PeftModel.from_pretrained + load_adapter -> the same
-    tokens (all queries with an image: peft then also wraps the vision tower's q/k/v with zero deltas)."""
+def test_export_to_peft_short_names_same_outputs(tokenizer, tmp_path):
+    """bank.export_peft with short target names -> PeftModel.from_pretrained + load_adapter -> the same tokens (all
+    queries with an image: peft then also wraps the vision tower's q/k/v with zero deltas)."""
     engine, base, processor, bank = setup(tokenizer)
     imgs = images(4, seed=3)
     ids = ["e2", "e1", "e0", None]

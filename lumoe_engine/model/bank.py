@@ -787,21 +787,22 @@ class ExpertBank:
         ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``),
         loadable by ``peft.PeftModel.from_pretrained`` and by vLLM ``--lora-modules``.
 
-        target_modules: short names for the config (default: the last component of each module, e.g. q_proj);
-        every module of the expert must end with one of them. task_type: None or e.g. "CAUSAL_LM".
-        peft wraps every module whose name ends with a target short name; those the expert has no weights for
-        load with their zero-initialised lora_B (a zero delta; peft warns about the missing keys).
+        target_modules: the config's target names; default the expert's own modules by their exact dotted names
+        (peft wraps exactly those, nothing else: no vision-tower or other-layer module with a zero delta, no
+        missing-key warning); short names (e.g. ``["q_proj", "v_proj"]``) are allowed when a tool wants them, and
+        peft then also wraps every other module ending so, with a zero delta. Every module of the expert must be
+        covered (a name equal to it or ending it at a dot). task_type: None or e.g. "CAUSAL_LM".
         """
         ex = self.get(expert_id)
-        short = sorted({m.rsplit(".", 1)[-1] for m in ex.weights})
         if target_modules is None:
-            target_modules = short
+            target_modules = sorted(ex.weights)
         else:
             target_modules = [str(t) for t in target_modules]
-            uncovered = [m for m in ex.weights if m.rsplit(".", 1)[-1] not in target_modules]
+            uncovered = [m for m in ex.weights if not any(m == t or m.endswith("." + t) for t in target_modules)]
             if uncovered:
+                short = sorted({m.rsplit(".", 1)[-1] for m in ex.weights})
                 raise ValueError(f"target_modules {target_modules} do not cover modules {uncovered[:4]} of expert "
-                                 f"{expert_id!r}; include their short names {short}")
+                                 f"{expert_id!r}; include their short names {short} or leave target_modules unset")
         config = {
             "peft_type": "LORA",
             "task_type": task_type,
