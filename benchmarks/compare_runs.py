@@ -9,8 +9,8 @@ RUN_A / RUN_B: ``--out`` folders of ``python lumoe_engine/run.py`` (the main job
 - ``gate/``: the same ``gate.json`` sha256 of the tensor file, and ``gate.json`` equal apart from the head reports'
   fitting time (``reports.*.seconds``);
 - ``metrics.jsonl``: the same rows in the same order, apart from wall-clock values (``TIMING_KEYS``);
-- ``summary.json``: equal apart from wall-clock values and run keys (``comparable_summary``) and the ``config``
-  section (whose shape may change between commits); its ``methods`` section must be equal.
+- ``summary.json``: its ``methods`` section equal apart from wall-clock values and the run's layout over ranks
+  (``LAYOUT_KEYS``); the ``config`` section is not compared (its shape may change between commits).
 
 Exit status 0 when everything matches, 1 otherwise (each difference printed).
 """
@@ -25,7 +25,10 @@ from pathlib import Path
 # wall-clock values: never compared (the same list the stream's resume test uses)
 TIMING_KEYS = frozenset({"seconds", "train_seconds", "gate_seconds", "eval_seconds", "tokens_per_s",
                          "seconds_per_request", "mean_seconds_per_request", "train_seconds_per_request", "flat_cost",
-                         "base_predictions_s", "total_seconds", "time"})
+                         "base_predictions_s", "total_seconds", "time", "wave_seconds"})
+# how a run was laid out over ranks (request-parallel waves, each rank's placement), not what it computed: a 2-rank
+# ``--parallel requests`` run and a single process compare equal when their experts, gate and metrics are
+LAYOUT_KEYS = frozenset({"parallel", "placement"})
 
 
 def _strip(x):
@@ -93,10 +96,15 @@ def compare_metrics(a: Path, b: Path) -> list[str]:
 def compare_summary(a: Path, b: Path) -> list[str]:
     sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
     ma, mb = _strip(sa.get("methods")), _strip(sb.get("methods"))
-    if ma != mb:
-        keys = sorted(m for m in set(ma) | set(mb) if ma.get(m) != mb.get(m))
-        return [f"summary: methods differ: {keys}"]
-    return []
+    if not isinstance(ma, dict) or not isinstance(mb, dict):
+        return [] if ma == mb else ["summary: methods differ (missing in one run)"]
+    diffs = []
+    for m in sorted(set(ma) | set(mb)):
+        xa, xb = ma.get(m) or {}, mb.get(m) or {}
+        keys = sorted(k for k in set(xa) | set(xb) if k not in LAYOUT_KEYS and xa.get(k) != xb.get(k))
+        if keys:
+            diffs.append(f"summary: method {m} differs in {keys}")
+    return diffs
 
 
 def compare(a, b) -> list[str]:

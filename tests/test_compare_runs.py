@@ -37,3 +37,20 @@ def test_a_changed_expert_gate_or_row_is_found(tmp_path):
         diffs = compare_runs.compare(a, b)
         assert diffs, kw
         assert compare_runs.main([str(a), str(b)]) == 1
+
+
+def test_layout_over_ranks_does_not_count_but_a_result_does(tmp_path):
+    """A 2-rank request-parallel run against a single process: the waves and per-rank placement differ, the results
+    do not (benchmarks/compare_runs.LAYOUT_KEYS); a differing result next to them is still found."""
+    a = _run(tmp_path / "a")
+    b = _run(tmp_path / "b")
+    doc = json.loads((b / "summary.json").read_text())
+    doc["methods"]["lumoe"]["parallel"] = {"mode": "requests", "world_size": 2, "waves": [{"seconds": 3.0}]}
+    doc["methods"]["lumoe"]["placement"] = [{"local_rank": 0}, {"local_rank": 1}]
+    (b / "summary.json").write_text(json.dumps(doc))
+    rows = [dict(json.loads((b / "metrics.jsonl").read_text()), wave_seconds=3.0)]
+    (b / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert compare_runs.compare(a, b) == []
+    doc["methods"]["lumoe"]["final"]["leak"] = 0.25
+    (b / "summary.json").write_text(json.dumps(doc))
+    assert compare_runs.compare(a, b) == ["summary: method lumoe differs in ['final']"]
