@@ -150,6 +150,12 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--out", default=d.out, help="output folder (default runs/default)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-per-set", type=int, default=d.max_per_set, help="evaluation queries per set per request")
+    g.add_argument("--audit", type=int, default=None, metavar="N",
+                   help="bounded evaluation (long streams): after each request measure it and a seeded sample of N "
+                        "earlier ones (default: every earlier request, after each one)")
+    g.add_argument("--sweep-every", type=int, default=d.sweep_every, metavar="K",
+                   help="with --audit: measure every request so far after every K-th request (and always after the "
+                        "last; 0 = only then)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0 = the teaching answers' length")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per request (every method)")
@@ -214,7 +220,8 @@ def stream_config_from_args(args: argparse.Namespace):
                         subset=get("subset"), synthetic=get("synthetic"), model=get("model"),
                         load_in_4bit=bool(get("load_in_4bit")), preset=get("preset"), cache=get("cache"),
                         extra_eval=list(get("extra_eval") or []), out=get("out"), seed=get("seed"),
-                        max_per_set=get("max_per_set"), eval_batch_size=get("eval_batch_size"),
+                        max_per_set=get("max_per_set"), audit=get("audit"), sweep_every=get("sweep_every"),
+                        eval_batch_size=get("eval_batch_size"),
                         max_new_tokens=get("max_new_tokens"), steps=get("steps"), lr=get("lr"),
                         baseline_lr=get("baseline_lr"), rank=get("rank"),
                         alpha=get("alpha"), batch_size=get("batch_size"), loss=get("loss"),

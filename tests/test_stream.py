@@ -200,6 +200,23 @@ def test_compare_puts_every_method_in_one_summary(tmp_path, cache, monkeypatch):
     assert all(f"| {m} |" in report for m in stream_mod.METHODS)
 
 
+def test_bounded_evaluation_measures_the_new_request_and_an_audit_sample(tmp_path, cache):
+    """--audit 1: after each request the stream measures it and one earlier request, every request after the last;
+    the rows, the curves and the report say so, and the final step equals a full sweep of the same run."""
+    out = tmp_path / "audit"
+    summary = stream_mod.run_stream(_cfg(out, cache, stream="abcd", steps=1, audit=1))
+    c = summary["methods"]["lumoe"]["curves"]
+    assert c["n_learned"] == [1, 2, 3, 4] and c["n_measured"] == [1, 2, 2, 4]
+    assert c["sweep"] == [False, False, False, True]
+    rows = read_rows(out / "metrics.jsonl")
+    per_step = {s: {r["request"] for r in rows if r["step"] == s and r["request"] not in (None, "")} for s in range(4)}
+    assert [len(v) for v in per_step.values()] == [1, 2, 2, 4]
+    assert all(summary["config"]["requests"][s] in per_step[s] for s in range(4))  # the new request, always
+    report = (out / "report.md").read_text()
+    assert "Bounded evaluation" in report and "(2 of 3 measured)" in report
+    assert summary["methods"]["lumoe"]["final"]["complete"]
+
+
 def test_cli_options_map_onto_the_config(tmp_path):
     import argparse
 
@@ -216,6 +233,14 @@ def test_cli_options_map_onto_the_config(tmp_path):
         run_mod.stream_config_from_args(p.parse_args(["--teach", "oops"]))
     with pytest.raises(ValueError, match="--max-per-set"):
         stream_mod.StreamConfig(max_per_set=0).validate()
+    cfg = run_mod.stream_config_from_args(p.parse_args(["--audit", "3", "--sweep-every", "10"]))
+    assert (cfg.audit, cfg.sweep_every) == (3, 10) and cfg.evaluation_options()["audit"] == 3
+    assert run_mod.stream_config_from_args(p.parse_args([])).audit is None
+    for bad, msg in (({"audit": -1}, "--audit"), ({"audit": True}, "--audit"), ({"audit": 2, "sweep_every": -1},
+                                                                               "--sweep-every"),
+                     ({"sweep_every": 5}, "needs --audit")):
+        with pytest.raises(ValueError, match=msg):
+            stream_mod.StreamConfig(**bad).validate()
     with pytest.raises(FileNotFoundError, match="--extra-eval"):
         stream_mod.StreamConfig(extra_eval=[str(tmp_path / "missing.json")]).validate()
 
@@ -341,3 +366,18 @@ def test_default_compare_meets_the_targets(tmp_path):
     for form in ("image_text", "text_only", "paraphrase"):
         assert fin["n_known"][form] > 0 and fin["max_forget_leak"][form] <= 0.02, (form, fin["max_forget_leak"])
     assert fin["retain_ratio"] >= 0.98, fin["retain_ratio"]
+
+
+def test_resume_of_a_run_older_than_a_config_field(tmp_path):
+    """A run saved before a config field existed ran at that field's default: it resumes with the field left at its
+    default, and is refused with the field set otherwise (the message names it)."""
+    from lumoe_engine.eval.metrics import jsonable
+    from lumoe_engine.stream.steps import ResumeError, check_resumable
+
+    cfg = stream_mod.StreamConfig(out=str(tmp_path))
+    saved = jsonable(cfg.to_dict())
+    del saved["audit"], saved["sweep_every"]
+    (tmp_path / "config.json").write_text(json.dumps({"config": saved}))
+    assert check_resumable(tmp_path, cfg)["stream"] == "abcd"
+    with pytest.raises(ResumeError, match="audit: run None, now 2"):
+        check_resumable(tmp_path, dataclasses.replace(cfg, audit=2))

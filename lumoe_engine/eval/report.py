@@ -152,7 +152,11 @@ def _step_table(s: dict) -> list[str]:
     header += ["judge", "over-refusal"] + (["route acc", "FPR"] if gated else []) + ["seconds"]
     rows = []
     for i in idx:
-        r = [str(c["step"][i]), str(c["request"][i]), _f(c["retain_ratio_test"][i]),
+        sampled = c.get("sweep") and not c["sweep"][i]  # bounded evaluation: the new request and an audit sample
+        step = str(c["step"][i])
+        if sampled:
+            step += f" ({c['n_measured'][i]} of {c['n_learned'][i]} measured)"
+        r = [step, str(c["request"][i]), _f(c["retain_ratio_test"][i]),
              _f(c["general_utility_ratio"][i])]
         r += [_f(c["test_leak"][f][i]) for f in TEST_FORMS]
         r += [_f(c["judge_forget"][i], 2), _f(c["over_refusal"][i])]
@@ -322,6 +326,12 @@ def write_report(out_dir: Union[str, Path], summary: Mapping, rows: Sequence[dic
     if summary.get("seeds"):
         lines.append("Seeds: " + ", ".join(str(s) for s in summary["seeds"]) + " (a seed draws the whole chain: the "
                      "world, the teaching of the base, the protocol's split, the stream).")
+    if config.get("audit") is not None:
+        every = (f"after every {config['sweep_every']}-th request and " if config.get("sweep_every") else "")
+        lines.append(f"Bounded evaluation: after each request, that request in full and a seeded sample of at most "
+                     f"{config['audit']} earlier ones; every request so far {every}after the last one. A step's worst "
+                     f"leak and relapse are over the requests it measured (the step table says how many); the final "
+                     f"results are a full sweep.")
     if config.get("surrogate_images"):
         lines.append(f"Note: {config['surrogate_images']} image records had no image file; a deterministic "
                      f"surrogate per entity stood in.")

@@ -224,8 +224,8 @@ def stream_setup(cfg: StreamConfig, bench: Benchmark, processor, evaluate: bool 
     eval_bench, eval_info = evaluation_benchmark(bench, cfg.extra_eval)
     split = Split(eval_bench, cfg.protocol())
     requests = [split.carry(r) for r in build_stream(bench, cfg.stream)]
-    evaluator = StreamEvaluator(eval_bench, requests, split=split, max_per_set=cfg.max_per_set, seed=cfg.seed,
-                                refusal=cfg.refusal, vocab=vocab_words(processor)) if evaluate else None
+    evaluator = StreamEvaluator(eval_bench, requests, split=split, vocab=vocab_words(processor),
+                                **cfg.evaluation_options()) if evaluate else None
     return eval_bench, eval_info, split, requests, evaluator
 
 

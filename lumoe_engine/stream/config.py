@@ -38,6 +38,9 @@ class StreamConfig:
     data / subset / synthetic / model / load_in_4bit / preset / cache: the taught base (``TeachConfig``).
     extra_eval: further MLUBench-format QA files (or folders of them), scored as the paraphrase form.
     max_per_set: evaluation queries per set per request; eval_batch_size, max_new_tokens (0 = teach's).
+    audit / sweep_every: bounded evaluation for long streams (``eval.metrics.StreamEvaluator``): after request t the
+        new request in full plus a seeded sample of at most ``audit`` earlier requests; every request so far after
+        every ``sweep_every``-th request and after the last. None (default): every request so far after each one.
     steps / rank / alpha / batch_size: the budget of every request, the same for every method; lr: LUMoE's expert
         learning rate; baseline_lr / baseline_lrs: the baselines'. steps, lr and the baselines' learning rates are
         frozen in hyperparameters.json (chosen on the development seed: benchmarks/dev_sweep.py).
@@ -78,6 +81,8 @@ class StreamConfig:
     out: str = "runs/default"
     seed: int = 0
     max_per_set: int = DEFAULT_MAX_PER_SET
+    audit: Optional[int] = None
+    sweep_every: int = 0
     eval_batch_size: int = 64
     max_new_tokens: int = 0
     steps: int = HYPERPARAMETERS["steps"]
@@ -115,6 +120,14 @@ class StreamConfig:
             raise ValueError(f"--loss {self.loss!r}: expected one of {sorted(LOSSES)}")
         if isinstance(self.max_per_set, bool) or not isinstance(self.max_per_set, int) or self.max_per_set < 1:
             raise ValueError(f"--max-per-set {self.max_per_set!r}: expected an int >= 1")
+        if self.audit is not None and (isinstance(self.audit, bool) or not isinstance(self.audit, int)
+                                       or self.audit < 0):
+            raise ValueError(f"--audit {self.audit!r}: expected an int >= 0 (earlier requests measured after each "
+                             f"request), or leave it unset to measure every one")
+        if isinstance(self.sweep_every, bool) or not isinstance(self.sweep_every, int) or self.sweep_every < 0:
+            raise ValueError(f"--sweep-every {self.sweep_every!r}: expected an int >= 0")
+        if self.sweep_every and self.audit is None:
+            raise ValueError("--sweep-every needs --audit: without it every request is measured after each one")
         if self.parallel not in PARALLEL:
             raise ValueError(f"--parallel {self.parallel!r}: expected one of {PARALLEL}")
         if not isinstance(self.refusal, str) or not self.refusal.strip():
@@ -140,6 +153,11 @@ class StreamConfig:
 
     def methods(self) -> list[str]:
         return list(METHODS) if self.compare else [self.method]
+
+    def evaluation_options(self) -> dict:
+        """The ``StreamEvaluator`` keywords this run's evaluation depends on (every evaluator of a run uses them)."""
+        return {"max_per_set": self.max_per_set, "seed": self.seed, "refusal": self.refusal, "audit": self.audit,
+                "sweep_every": self.sweep_every}
 
     def protocol(self) -> Protocol:
         """The protocol's split of request data and test data, seeded by the run's seed."""

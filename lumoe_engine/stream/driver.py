@@ -82,8 +82,8 @@ def run_stream(cfg: StreamConfig, edit_stream: Optional[Callable[[list, Benchmar
     if edit_stream is not None:
         requests = edit_stream(requests, bench)
         if evaluator is not None:
-            evaluator = StreamEvaluator(eval_bench, requests, split=split, max_per_set=cfg.max_per_set,
-                                        seed=cfg.seed, refusal=cfg.refusal, vocab=evaluator.vocab)
+            evaluator = StreamEvaluator(eval_bench, requests, split=split, vocab=evaluator.vocab,
+                                        **cfg.evaluation_options())
     writer = None
     if rank == 0:
         t0 = time.time()

@@ -78,8 +78,8 @@ def evaluate_after_revocation(out: Path, cfg: StreamConfig, request_id: str, rea
     last = len(recs) - 1
     for rec in recs[:-1]:  # the history (relapse is measured against it)
         evaluator.evaluate_step(rec["step"], "lumoe", rec["predictions"], rec["routing"], cost=rec["cost"])
-    before = StreamEvaluator(evaluator.benchmark, requests, split=evaluator.split, max_per_set=cfg.max_per_set,
-                             seed=cfg.seed, refusal=cfg.refusal, vocab=evaluator.vocab)
+    before = StreamEvaluator(evaluator.benchmark, requests, split=evaluator.split, vocab=evaluator.vocab,
+                             **cfg.evaluation_options())
     before.set_base(base_preds)
     prev_rows = before.evaluate_step(last, "lumoe", recs[-1]["predictions"], recs[-1]["routing"])
     bank = ExpertBank.open(out / "bank", create=True)

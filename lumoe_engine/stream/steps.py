@@ -58,8 +58,11 @@ def check_resumable(out: Path, cfg: StreamConfig) -> dict:
         raise ResumeError(f"--resume: {path} cannot be read ({exc}); the run in {out} cannot be continued: start "
                           f"a new one (another --out, or without --resume)") from None
     now = jsonable(cfg.to_dict())
-    diff = [f"{k}: run {saved.get(k, '<absent>')!r}, now {now[k]!r}" for k in now
-            if k not in RESUME_IGNORED and saved.get(k, "<absent>") != now[k]]
+    # a field the saved run predates ran at its default (a run of an older version resumes when the new field is
+    # left at its default)
+    default = jsonable(type(cfg)().to_dict())
+    diff = [f"{k}: run {saved.get(k, default.get(k, '<absent>'))!r}, now {now[k]!r}" for k in now
+            if k not in RESUME_IGNORED and saved.get(k, default.get(k, "<absent>")) != now[k]]
     if diff:
         raise ResumeError(f"--resume: the run in {out} was started with another config ({'; '.join(diff)}); resume "
                           f"it with the same options, or start a new run in another --out folder")
