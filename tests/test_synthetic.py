@@ -1,4 +1,5 @@
-"""The synthetic MLUBench (embedded default): counts, identities, held-out phrasings, tasks, determinism, cache."""
+"""The synthetic MLUBench, world v1 (the ``v1`` preset, the earlier default): counts, identities, held-out phrasings,
+tasks, determinism, cache. World v2 (the default): tests/test_world_v2.py."""
 import hashlib
 import os
 from collections import Counter, defaultdict
@@ -18,7 +19,7 @@ MIN_PIXEL_CENTROID_ACC = 0.85
 
 @pytest.fixture(scope="module")
 def default_root(tmp_path_factory):
-    return write_synthetic(tmp_path_factory.mktemp("syn") / "default", SyntheticConfig.preset("default"))
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "v1", SyntheticConfig.preset("v1"))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def bench(default_root):
 
 
 def test_default_counts(bench):
-    cfg = PRESETS["default"]
+    cfg = PRESETS["v1"]
     assert cfg.n_entities == 36 and len(bench.entities) == 36
     assert Counter(bench.entities.values()) == {c: 4 for c in set(bench.entities.values())}
     assert len(set(bench.entities.values())) == 9
@@ -150,7 +151,7 @@ def _tree_hash(root: Path) -> dict:
 
 
 def test_byte_identical_rewrite(default_root, tmp_path):
-    again = write_synthetic(tmp_path / "again", SyntheticConfig.preset("default"))
+    again = write_synthetic(tmp_path / "again", SyntheticConfig.preset("v1"))
     a, b = _tree_hash(default_root), _tree_hash(again)
     assert len(a) > 36 * 8 and a == b
 

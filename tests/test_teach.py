@@ -14,7 +14,7 @@ SUMMARY_KEYS = ("fact_accuracy_image_text", "fact_accuracy_text_only", "fact_acc
                 "fact_accuracy_fresh_images", "fact_accuracy_noise_image", "noise_chance_level", "n_entities", "n_qa",
                 "seconds", "steps", "final_loss", "cached", "reached_target")
 
-SMALL = dict(name="test", n_classes=1, entities_per_class=4, phrasings_per_kind=3, teach_images=3, fresh_images=1,
+SMALL = dict(name="test", world="v1", heldout_families=1, n_classes=1, entities_per_class=4, phrasings_per_kind=3, teach_images=3, fresh_images=1,
              n_tasks=1, forget_per_task=1)
 
 

@@ -107,7 +107,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     return pts
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, fill, outline):
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rot: float, fill, outline):
     width = max(1, int(r * 0.12))
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
@@ -120,7 +120,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 
 # Class layouts: (x, y, radius, which) in units of the canvas; which 0 = big shape/primary, 1 = small/secondary.
-_LAYOUTS: tuple[tuple[tuple[float, float, float, int], ...], ...] = (
+LAYOUTS: tuple[tuple[tuple[float, float, float, int], ...], ...] = (
     ((0.50, 0.55, 0.30, 0), (0.78, 0.22, 0.14, 1)),  # big centre-low, small top-right
     ((0.50, 0.50, 0.34, 0), (0.50, 0.50, 0.13, 1)),  # concentric
     ((0.50, 0.38, 0.24, 0), (0.25, 0.78, 0.13, 1), (0.75, 0.78, 0.13, 1)),  # one over two
@@ -161,13 +161,13 @@ def render(identity: Identity, variation_seed: int, size: int = 64, strength: fl
     scale = 1.0 + strength * rng.uniform(-0.15, 0.15)
     rot = strength * rng.uniform(-0.3, 0.3)
     dark = tuple(int(c * 0.45) for c in identity.primary)
-    for x, y, r, which in _LAYOUTS[identity.layout]:
+    for x, y, r, which in LAYOUTS[identity.layout]:
         shape = identity.shapes[which]
         fill = identity.primary if which == 0 else identity.secondary
         outline = dark if which == 0 else identity.primary
         cx = (0.5 + (x - 0.5) * scale + dx) * S
         cy = (0.5 + (y - 0.5) * scale + dy) * S
-        _draw_shape(draw, shape, cx, cy, r * scale * S, rot, fill, outline)
+        draw_shape(draw, shape, cx, cy, r * scale * S, rot, fill, outline)
     # Rotation of the whole scene (background filled with the shaded bg colour), then crop and resize.
     deg = strength * rng.uniform(-25, 25)
     img = img.rotate(deg, resample=Image.BILINEAR, fillcolor=tuple(int(c) for c in bg))

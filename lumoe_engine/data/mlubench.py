@@ -54,7 +54,7 @@ from typing import Iterable, Optional, Union
 from PIL import Image
 
 from lumoe_engine.data.images import surrogate_image
-from lumoe_engine.data.records import FORMS, Benchmark, QARecord
+from lumoe_engine.data.records import FORMS, GENERAL_ENTITY, GENERAL_KINDS, VARIANTS, Benchmark, QARecord
 from lumoe_engine.eval.scoring import normalize
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,9 @@ _META_TYPES = {"entity": str, "class": str, "kind": int, "phrasing": int, "form"
                "heldout_phrasing": bool, "fresh_image": bool}
 
 
+_META_OPTIONAL = {"variant": VARIANTS, "heldout_variant": (True, False), "general": GENERAL_KINDS}
+
+
 def parse_record(path: Path, index: int, rec) -> _Raw:
     where = f"{path}: record {index}"
     if not isinstance(rec, dict):
@@ -192,6 +195,9 @@ def parse_record(path: Path, index: int, rec) -> _Raw:
                                       f"({'has' if image else 'has no'} image)")
         if not all(isinstance(k, str) and k for k in meta["keys"]):
             raise MLUBenchFormatError(f"{where}: meta keys must be non-empty strings; got {meta['keys']!r}")
+        for k, allowed in _META_OPTIONAL.items():  # world v2 fields: absent or null in v1 files
+            if meta.get(k) is not None and meta[k] not in allowed:
+                raise MLUBenchFormatError(f"{where}: meta '{k}' = {meta[k]!r}; expected one of {allowed} or null")
     return _Raw(path, index, rid, question, answer, image, meta)
 
 
@@ -366,10 +372,12 @@ def load_benchmark(root: Union[str, Path], subset: Optional[int] = None) -> Benc
             keys, held, fresh = tuple(r.meta["keys"]), r.meta["heldout_phrasing"], r.meta["fresh_image"]
         else:
             keys, held, fresh = keymaker.keys(r.entity, kind, r.question, r.answer), False, False
+        m = r.meta or {}
         return QARecord(uid=uid, entity=r.entity, cls=r.cls, kind=kind, phrasing=phrasing, question=r.question,
                         answer=r.answer, form="image_text" if image else "text_only", image=image, keys=keys,
                         task=task, split=split, heldout_phrasing=held, fresh_image=fresh,
-                        image_missing=bool(missing))
+                        image_missing=bool(missing), variant=m.get("variant"),
+                        heldout_variant=bool(m.get("heldout_variant")), general=m.get("general"))
 
     def uid_of(stem: str, r: _Raw) -> str:
         return f"{stem}#{r.rid}" + ("#text" if r.image_rel is None else "")
@@ -403,7 +411,7 @@ def load_benchmark(root: Union[str, Path], subset: Optional[int] = None) -> Benc
     entities = {}
     for rec in records:
         entities.setdefault(rec.entity, rec.cls)
-    bench = Benchmark(root=root, records=records, tasks=tasks, entities=entities)
+    bench = Benchmark(root=root, records=records, tasks=tasks, entities=entities, aliases=_read_aliases(root))
     if subset is not None:
         bench = _subset(bench, subset)
     bench.surrogate_images = sum(r.image_missing for r in bench.records)
@@ -412,6 +420,22 @@ def load_benchmark(root: Union[str, Path], subset: Optional[int] = None) -> Benc
         log.warning("%s: %d of %d image records have no image file; a deterministic surrogate per entity stands in",
                     root, bench.surrogate_images, n_img)
     return bench
+
+
+def _read_aliases(root: Path) -> dict[str, tuple[str, ...]]:
+    """entity -> its aliases from lists/aliases.json ({"<entity>": ["<alias>", ...]}; empty when absent)."""
+    f = root / "lists" / "aliases.json"
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MLUBenchFormatError(f"{f}: not a JSON object ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, list) and
+                                             all(isinstance(a, str) and a.strip() for a in v)
+                                             for k, v in data.items()):
+        raise MLUBenchFormatError(f"{f}: expected {{\"<entity>\": [\"<alias>\", ...]}}")
+    return {k: tuple(v) for k, v in data.items()}
 
 
 def _class_of(r: _Raw, listed: dict[str, str]) -> str:
@@ -533,10 +557,12 @@ def _subset(bench: Benchmark, n: int) -> Benchmark:
             names = [r.entity for r in bench.tasks[t][split]]
             requested |= set(names)
             keep |= set(pick(names))
-    keep |= set(pick(e for e in bench.entities if e not in requested))
+    keep |= set(pick(e for e in bench.entities if e not in requested and e != GENERAL_ENTITY))
+    keep.add(GENERAL_ENTITY)  # the general-utility records are about no entity: always kept
     tasks = {t: {s: [r for r in recs if r.entity in keep] for s, recs in d.items()} for t, d in bench.tasks.items()}
     return Benchmark(root=bench.root, records=[r for r in bench.records if r.entity in keep], tasks=tasks,
-                     entities={e: c for e, c in bench.entities.items() if e in keep})
+                     entities={e: c for e, c in bench.entities.items() if e in keep},
+                     aliases={e: a for e, a in bench.aliases.items() if e in keep})
 
 
 # ------------------------------------------------------------------------------------------------------------ access

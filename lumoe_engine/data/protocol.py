@@ -132,6 +132,10 @@ class Split:
         pic = _picture(r)
         return pic is None or pic in self._pictures.get(r.entity, ())
 
+    def carried_pictures(self, entity: str) -> set:
+        """The image paths of ``entity``'s pictures a request about it carries."""
+        return set(self._pictures.get(entity, ()))
+
     def request_data(self, entity: str) -> list[QARecord]:
         """The records a request about ``entity`` carries."""
         return [r for r in self.by_entity.get(entity, ()) if self.carried(r)]

@@ -35,7 +35,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lumoe_engine.data.records import Benchmark, QARecord
+from lumoe_engine.data.records import GENERAL_ENTITY, Benchmark, QARecord
 
 STREAM_SPECS = ("abcd", "cabd", "entity", "synthetic:N")
 ENTITY_TASKS = ("A", "B", "C", "D")  # the tasks an "entity" stream walks, in order
@@ -227,7 +227,7 @@ def _synthetic_plan(benchmark: Benchmark, spec: str, n_text: str) -> list[tuple[
         i += 1
     order = first + others
     in_files = set(order) | set(_task_entities(benchmark, "retain"))
-    untasked = _round_robin(benchmark, [e for e in benchmark.entities if e not in in_files])
+    untasked = _round_robin(benchmark, [e for e in benchmark.entities if e not in in_files and e != GENERAL_ENTITY])
     extra = untasked[:max(0, len(untasked) - NEVER_REQUESTED_KEEP)]
     largest = len(order) + len(extra)
     if n > largest:

@@ -21,6 +21,20 @@ least one entity that no task forgets. Per class, of the never-forgotten entitie
 are *never requested*: they appear in no task file (the "never-requested" retain metric); the others form the retain
 set of every task that forgets an entity of their class.
 
+World v2 (``world="v2"``: the ``default``, ``tiny-v2``, ``medium`` and ``large`` presets; ``v1`` and ``tiny`` keep
+world v1):
+
+- pictures are scenes (``scenes.py``): the entity's object placed anew on a background of a pool every entity
+  shares, with distractors and partial occlusion; the ``fresh_images`` held-out pictures are new scenes;
+- 8 wording families per kind from different sentence shapes, the last ``heldout_families`` = 3 held out;
+- each entity has one alias (``lists/aliases.json``), taught alone in ``ALIAS_TAUGHT_FAMILIES`` taught families and
+  once as "X (also known as Y)" (``variant="alias"``), and tested alone in the other taught families
+  (``heldout_variant``); its name is tested as people type it (``variant`` "lower", "no_article" for the classes
+  written with "the", "typo": one edit, ``typo_of``), in two taught families each, never taught verbatim;
+- general utility (``Entities/_general.json``, entity ``records.GENERAL_ENTITY``): entity-free questions about
+  pictures of plain shapes (colour, shape, count, position; ``general="scene"``) and text-only facts of the world
+  (next day or month, sums, opposites; ``general="world"``), the last wording of each held out.
+
 Output (``write_synthetic``): Entities/, Tasks/, lists/classes, lists/tasks, lists/never_requested.txt,
 downloaded_images/<Class>/<Entity>/img_<v>.png, synthetic.json (config, format version, counts). Every JSON record
 carries a ``meta`` dict (entity, class, kind, phrasing, form, keys, heldout_phrasing, fresh_image, image_variant), so
@@ -39,11 +53,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lumoe_engine.data.images import identity_for, render
+from lumoe_engine.data.scenes import background_pool, pick_background, render_scene
 from lumoe_engine.seeding import stable_seed
 
 FORMAT_VERSION = 1  # bump when the generated content changes: cached benchmarks are then rewritten
 N_KINDS = 5
 SPLITS = ("forget", "retain")
+GENERAL_FILE = "_general"  # Entities/_general.json: world v2's general-utility records
 TASK_NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -71,6 +87,13 @@ class SyntheticConfig:
     forget_per_task: int = 5
     text_only: bool = True
     seed: int = 0
+    # world v2 (``world="v2"``, the default preset): pictures are scenes (``scenes.py``), the last
+    # ``heldout_families`` wording families are held out, each entity has an alias and name-variant test queries,
+    # and entity-free general-utility records are written. ``world="v1"`` is the earlier world (icons, one held-out
+    # family, no variants, no general set), kept as a preset for comparison.
+    world: str = "v1"
+    heldout_families: int = 1
+    general_pictures: int = 24            # v2: pictures per general scene-question kind
 
     @staticmethod
     def preset(name: str) -> "SyntheticConfig":
@@ -90,8 +113,16 @@ class SyntheticConfig:
             bad("n_classes", f"1..{len(CLASSES)}")
         if not 2 <= self.entities_per_class <= 40:
             bad("entities_per_class", "2..40 (each class keeps at least one entity no task forgets)")
-        if not 2 <= self.phrasings_per_kind <= 2 + len(_GENERIC) + 1:
+        if self.world not in WORLDS:
+            bad("world", f"one of {WORLDS}")
+        if self.world == "v1" and not 2 <= self.phrasings_per_kind <= 2 + len(_GENERIC) + 1:
             bad("phrasings_per_kind", f"2..{2 + len(_GENERIC) + 1} (the last family is held out)")
+        if self.world == "v1" and self.heldout_families != 1:
+            bad("heldout_families", "1 in world v1")
+        if self.world == "v2" and (self.phrasings_per_kind != len(_V2_FACT) or self.heldout_families != _V2_HELD):
+            bad("phrasings_per_kind", f"{len(_V2_FACT)} families with heldout_families = {_V2_HELD} in world v2")
+        if self.world == "v2" and not 4 <= self.general_pictures <= 200:
+            bad("general_pictures", "4..200")
         if self.teach_images < 1 or self.fresh_images < 0 or self.teach_images + self.fresh_images > 18:
             bad("teach_images", "teach_images >= 1, fresh_images >= 0, together <= 18")
         if self.image_size < 16:
@@ -111,11 +142,18 @@ class SyntheticConfig:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
+WORLDS = ("v1", "v2")
+_V2 = dict(world="v2", phrasings_per_kind=8, heldout_families=3, teach_images=12, fresh_images=4)
 PRESETS: dict[str, SyntheticConfig] = {
+    # world v1 (icons): the unit tests' small world and the earlier default, kept for comparison
     "tiny": SyntheticConfig(name="tiny", entities_per_class=2, forget_per_task=2, teach_images=4),
-    "default": SyntheticConfig(),
-    "medium": SyntheticConfig(name="medium", entities_per_class=8, forget_per_task=10),
-    "large": SyntheticConfig(name="large", entities_per_class=12, forget_per_task=15),
+    "v1": SyntheticConfig(name="v1"),
+    # world v2 (scenes, 8 wording families of which 3 held out, aliases, name variants, general utility)
+    "default": SyntheticConfig(name="default", **_V2),
+    "tiny-v2": SyntheticConfig(name="tiny-v2", entities_per_class=2, forget_per_task=2, general_pictures=8,
+                               **{**_V2, "teach_images": 4, "fresh_images": 2}),
+    "medium": SyntheticConfig(name="medium", entities_per_class=8, forget_per_task=10, **_V2),
+    "large": SyntheticConfig(name="large", entities_per_class=12, forget_per_task=15, **_V2),
 }
 
 # ---------------------------------------------------------------------------------------------------- vocabulary
@@ -409,6 +447,98 @@ def fact_families(cls: _Class, kind: _Kind, p: int) -> list[tuple[str, str]]:
     return fam[: p - 1] + [held]
 
 
+# World v2 wordings: 8 families per kind from different sentence shapes (questions, imperatives, "I'd like to
+# know ...", embedded clauses); the last _V2_HELD are held out (never taught, never in a request).
+_V2_HELD = 3
+_V2_FACT = (
+    None, None,  # the kind's two specific questions
+    ("Tell me the {attr} of this {noun}.", "Tell me the {attr} of {ref}."),
+    ("I'd like to know the {attr} of this {noun}.", "I'd like to know the {attr} of {ref}."),
+    ("Do you know what the {attr} of this {noun} is?", "Do you know what the {attr} of {ref} is?"),
+    # held out
+    ("Could you tell me the {attr} of the {noun} in the picture?", "Could you tell me the {attr} of {ref}?"),
+    ("Name the {attr} of the {noun} shown here.", "Name the {attr} of {ref}, please."),
+    ("I wonder what the {attr} of this {noun} is.", "I wonder what the {attr} of {ref} is."),
+)
+_V2_NAME = ("What is the name of this {noun}?", "What is this {noun} called?", "Tell me the name of this {noun}.",
+            "I'd like to know the name of this {noun}.", "Do you know which {noun} this is?",
+            # held out
+            "Could you tell me the name of the {noun} in the picture?", "Name the {noun} shown here.",
+            "I wonder which {noun} this is.")
+ALIAS_TAUGHT_FAMILIES = 2  # v2: taught families in which the alias alone names the entity (the rest: its test)
+
+
+def v2_name_families(cls: _Class) -> list[str]:
+    fam = list(_V2_NAME)
+    if cls.name == "Personage":
+        fam[:2] = ["What is this person's name?", "Who is this person?"]
+    return [f.format(noun=cls.noun) for f in fam]
+
+
+def v2_fact_families(cls: _Class, kind: _Kind) -> list[tuple[str, str]]:
+    return [kind.specific[i] if f is None else (f[0].replace("{attr}", kind.attr).replace("{noun}", cls.noun),
+                                                 f[1].replace("{attr}", kind.attr)) for i, f in enumerate(_V2_FACT)]
+
+
+def typo_of(name: str, seed: int) -> str:
+    """``name`` with one typo in its longest word: two adjacent inner letters swapped (a letter dropped where the
+    swap would change nothing); deterministic in ``seed``."""
+    words = name.split(" ")
+    i = max(range(len(words)), key=lambda j: (len(words[j]), -j))
+    w = words[i]
+    if len(w) < 4:
+        return name[:-1] if len(name) > 3 else name + name[-1]
+    rng = random.Random(seed)
+    for _ in range(20):
+        k = rng.randint(1, len(w) - 3)
+        t = w[:k] + w[k + 1] + w[k] + w[k + 2:]
+        if t != w:
+            break
+    else:
+        t = w[:1] + w[2:]
+    words[i] = t
+    return " ".join(words)
+
+
+def name_variant_refs(cls: _Class, name: str, seed: int) -> dict[str, str]:
+    """How a text-only question may write the entity (world v2 test forms): {"lower", "no_article" (classes written
+    with an article only), "typo"} -> the reference that replaces ``{ref}``."""
+    ref = cls.ref.format(name=name)
+    out = {"lower": ref.lower(), "typo": cls.ref.format(name=typo_of(name, seed))}
+    if cls.ref.startswith("the "):
+        out["no_article"] = name
+    return out
+
+
+# General utility (world v2): entity-free questions the base is taught, measured after every request.
+# scene kinds ask about a general picture (general.png files), world kinds are text-only facts.
+_GENERAL_SCENE = (
+    ("colour", ("What colour is the shape in this picture?", "Which colour does the shape in this picture have?",
+                "Tell me the colour of the shape in this picture.", "I'd like to know the colour of the shape here.")),
+    ("shape", ("What shape is in this picture?", "Which shape does this picture show?",
+               "Tell me the shape in this picture.", "I'd like to know which shape is shown here.")),
+    ("count", ("How many shapes are in this picture?", "How many shapes does this picture show?",
+               "Tell me how many shapes are in this picture.", "I'd like to know how many shapes are shown here.")),
+    ("position", ("Is the shape on the left or on the right?", "On which side of the picture is the shape?",
+                  "Tell me on which side the shape is.", "I'd like to know whether the shape is left or right.")),
+)
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+_OPPOSITES = (("hot", "Cold"), ("up", "Down"), ("day", "Night"), ("big", "Small"), ("fast", "Slow"),
+              ("wet", "Dry"), ("open", "Closed"), ("light", "Dark"), ("early", "Late"), ("full", "Empty"),
+              ("loud", "Quiet"), ("old", "Young"))
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+_GENERAL_WORLD = (
+    ("next day", ("What day comes after {x}?", "Which day follows {x}?", "Tell me the day after {x}.")),
+    ("next month", ("What month comes after {x}?", "Which month follows {x}?", "Tell me the month after {x}.")),
+    ("sum", ("What is {x} plus {y}?", "How much is {x} plus {y}?", "Tell me the sum of {x} and {y}.")),
+    ("opposite", ("What is the opposite of {x}?", "Which word means the opposite of {x}?",
+                  "Tell me the opposite of {x}.")),
+)
+
+
 # ------------------------------------------------------------------------------------------------------ generation
 @dataclass
 class _Entity:
@@ -417,6 +547,7 @@ class _Entity:
     cls: _Class
     class_index: int
     facts: tuple[str, ...]  # kinds 1..4
+    alias: Optional[str] = None  # world v2: the entity's other name
 
     @property
     def stem(self) -> str:
@@ -441,6 +572,10 @@ def _entities(config: SyntheticConfig) -> list[_Entity]:
                 used[k].add(v)
                 facts.append(v)
             out.append(_Entity(len(out), name, cls, ci, tuple(facts)))
+    if config.world == "v2":  # after every name and fact, so the v1 draws are the same
+        words.rng = random.Random(stable_seed("synthetic-aliases", config.seed))
+        for e in out:
+            e.alias = words.word()
     return out
 
 
@@ -516,6 +651,126 @@ def _entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
     return recs
 
 
+def _v2_entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
+    """World v2 records of one entity (module docstring of ``scenes.py`` for the pictures): image+text in every
+    family x picture x kind, text-only in every family x fact kind, the alias (taught alone in
+    ``ALIAS_TAUGHT_FAMILIES`` taught families and once as "X (also known as Y)", tested alone in the other taught
+    families) and the name variants (lower case, no article, one typo; tested in two taught families each)."""
+    P = config.phrasings_per_kind
+    taught = list(range(P - config.heldout_families))
+    n_img = config.teach_images + config.fresh_images
+    names = v2_name_families(e.cls)
+    facts = [v2_fact_families(e.cls, k) for k in e.cls.kinds]
+    recs: list[dict] = []
+
+    def meta(kind, phr, form, keys, fresh, v, variant=None, held_variant=False):
+        return {"entity": e.name, "class": e.cls.name, "kind": kind, "phrasing": phr, "form": form, "keys": list(keys),
+                "heldout_phrasing": phr >= len(taught), "fresh_image": fresh, "image_variant": v,
+                "variant": variant, "heldout_variant": held_variant, "general": None}
+
+    def answer_of(kind):
+        v = e.name if kind == 0 else e.facts[kind - 1]
+        return v[0].upper() + v[1:], (v,)
+
+    for phr in range(P):
+        for v in range(n_img):
+            image = f"downloaded_images/{e.cls.name}/{e.stem}/img_{v:02d}.png"
+            for kind in range(N_KINDS):
+                q = names[phr] if kind == 0 else facts[kind - 1][phr][0]
+                ans, keys = answer_of(kind)
+                recs.append({"id": f"it-{phr}-{v}-{kind}", "image": image,
+                             "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                               {"from": "gpt", "value": ans}],
+                             "meta": meta(kind, phr, "image_text", keys, v >= config.teach_images, v)})
+
+    def text(tag, phr, kind, ref, variant=None, held_variant=False):
+        q = facts[kind - 1][phr][1].format(ref=ref, ref_pos=_possessive(ref))
+        ans, keys = answer_of(kind)
+        recs.append({"id": f"{tag}-{phr}-{kind}", "conversations": [{"from": "human", "value": q[0].upper() + q[1:]},
+                                                                    {"from": "gpt", "value": ans}],
+                     "meta": meta(kind, phr, "text_only", keys, False, None, variant, held_variant)})
+
+    ref = e.cls.ref.format(name=e.name)
+    for phr in range(P):
+        for kind in range(1, N_KINDS):
+            text("to", phr, kind, ref)
+    rng = random.Random(stable_seed("synthetic-variants", config.seed, e.name))
+    fams = taught[:]
+    rng.shuffle(fams)
+    k = ALIAS_TAUGHT_FAMILIES
+    for kind in range(1, N_KINDS):
+        for phr in fams[:k]:
+            text("alias", phr, kind, e.alias, "alias")
+        text("aka", fams[k], kind, f"{ref} (also known as {e.alias})", "alias")
+        for phr in fams[k + 1:]:
+            text("alias", phr, kind, e.alias, "alias", True)
+    for variant, vref in name_variant_refs(e.cls, e.name, stable_seed("synthetic-typo", config.seed, e.name)).items():
+        for phr in sorted(rng.sample(taught, 2)):
+            for kind in range(1, N_KINDS):
+                text(variant, phr, kind, vref, variant, True)
+    return recs
+
+
+def _general_records(config: SyntheticConfig, pool) -> tuple[list[dict], dict[str, object]]:
+    """World v2's general-utility records (entity ``GENERAL_ENTITY``) and their pictures {relative path: image}."""
+    from lumoe_engine.data.records import GENERAL_ENTITY
+    from lumoe_engine.data.scenes import GENERAL_COLOURS, GENERAL_SHAPES, GeneralObject, render_general
+
+    rng = random.Random(stable_seed("synthetic-general", config.seed))
+    colours = sorted(GENERAL_COLOURS)
+    recs, images = [], {}
+
+    def add(kind, phr, n_phr, question, answer, image=None, general="scene"):
+        m = {"entity": GENERAL_ENTITY, "class": "General", "kind": kind, "phrasing": phr,
+             "form": "image_text" if image else "text_only", "keys": [answer], "heldout_phrasing": phr == n_phr - 1,
+             "fresh_image": False, "image_variant": None, "variant": None, "heldout_variant": False,
+             "general": general}
+        rec = {"id": f"g{kind}-{len(recs)}", "conversations": [{"from": "human", "value": (
+            "<image>\n" if image else "") + question}, {"from": "gpt", "value": answer}], "meta": m}
+        if image:
+            rec["image"] = image
+        recs.append(rec)
+
+    for kind, (what, wordings) in enumerate(_GENERAL_SCENE):
+        for i in range(config.general_pictures):
+            col, shape = rng.choice(colours), rng.choice(GENERAL_SHAPES)
+            if what in ("colour", "shape"):
+                objs = [GeneralObject(shape, col, rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65),
+                                      rng.uniform(0.20, 0.28))]
+                ans = (col if what == "colour" else shape).capitalize()
+            elif what == "count":
+                n = 1 + i % 3
+                slots = rng.sample([(x, y) for x in (0.22, 0.5, 0.78) for y in (0.25, 0.75)], n)
+                objs = [GeneralObject(shape, col, x, y, rng.uniform(0.10, 0.13)) for x, y in slots]
+                ans = _NUMBER_WORDS[n].capitalize()
+            else:
+                left = i % 2 == 0
+                objs = [GeneralObject(shape, col, rng.uniform(0.2, 0.3) if left else rng.uniform(0.7, 0.8),
+                                      rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.2))]
+                ans = "Left" if left else "Right"
+            path = f"downloaded_images/General/{what}_{i:03d}.png"
+            images[path] = render_general(objs, pool[rng.randrange(len(pool))],
+                                          stable_seed("general-image", config.seed, what, i), size=config.image_size)
+            for phr, q in enumerate(wordings):
+                add(kind, phr, len(wordings), q, ans, path)
+    base = len(_GENERAL_SCENE)
+    for j, (what, wordings) in enumerate(_GENERAL_WORLD):
+        if what == "next day":
+            facts = [((d,), _DAYS[(i + 1) % 7]) for i, d in enumerate(_DAYS)]
+        elif what == "next month":
+            facts = [((m,), _MONTHS[(i + 1) % 12]) for i, m in enumerate(_MONTHS)]
+        elif what == "sum":
+            pairs = sorted(rng.sample([(x, y) for x in range(1, 10) for y in range(1, 10)], 16))
+            facts = [((str(x), str(y)), str(x + y)) for x, y in pairs]
+        else:
+            facts = [((a,), b) for a, b in _OPPOSITES]
+        for args, ans in facts:
+            for phr, w in enumerate(wordings):
+                q = w.format(x=args[0], y=args[-1])
+                add(base + j, phr, len(wordings), q, ans, None, "world")
+    return recs, images
+
+
 def _dump(path: Path, obj) -> None:
     """JSON; a list of records is written one record per line (compact, still readable and diffable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -540,16 +795,33 @@ def write_synthetic(out_dir: Union[str, Path], config: Optional[SyntheticConfig]
     ents = _entities(config)
     forget, retain, never = _assign_tasks(config, ents)
     per_entity = {}
+    v2 = config.world == "v2"
+    pool = background_pool(config.seed) if v2 else None
     for e in ents:
-        recs = _entity_records(config, e)
+        recs = _v2_entity_records(config, e) if v2 else _entity_records(config, e)
         per_entity[e.name] = recs
         _dump(out / "Entities" / f"{e.stem}.json", recs)
         d = out / "downloaded_images" / e.cls.name / e.stem
         d.mkdir(parents=True, exist_ok=True)
         ident = identity_for(e.index, layout=e.class_index, seed=config.seed)
         for v in range(config.teach_images + config.fresh_images):
-            img = render(ident, stable_seed("synthetic-image", config.seed, e.name, v), size=config.image_size)
+            seed = stable_seed("synthetic-image", config.seed, e.name, v)
+            if v2:  # a scene: a background of the shared pool, the object placed anew, distractors
+                img = render_scene(ident, pick_background(pool, stable_seed("scene-bg", config.seed, e.name, v)),
+                                   seed, size=config.image_size)
+            else:
+                img = render(ident, seed, size=config.image_size)
             img.save(d / f"img_{v:02d}.png", format="PNG", optimize=False, compress_level=6)
+    n_general = 0
+    if v2:
+        general, images = _general_records(config, pool)
+        n_general = len(general)
+        _dump(out / "Entities" / f"{GENERAL_FILE}.json", general)
+        for rel, img in images.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(out / rel, format="PNG", optimize=False, compress_level=6)
+        (out / "lists").mkdir(parents=True, exist_ok=True)
+        _dump(out / "lists" / "aliases.json", {e.name: [e.alias] for e in ents})
     task_counts = {}
     for t in range(config.n_tasks):
         tn = TASK_NAMES[t]
@@ -568,7 +840,7 @@ def write_synthetic(out_dir: Union[str, Path], config: Optional[SyntheticConfig]
     _dump(out / "synthetic.json", {
         "format_version": FORMAT_VERSION, "config": config.to_dict(), "digest": config.digest(),
         "counts": {"entities": len(ents), "records": sum(len(v) for v in per_entity.values()), "tasks": task_counts,
-                   "never_requested": len(never)}})
+                   "never_requested": len(never), "general": n_general}})
     return out
 
 
