@@ -107,21 +107,21 @@ def _finish(img: Image.Image, size: int, rng: np.random.Generator, noise: float 
 
 
 def render_scene(identity: Identity, background: Background, scene_seed: int, size: int = 64) -> Image.Image:
-    """One scene of an entity: ``background``, the entity's object (side 45-70% of the picture, anywhere inside
-    it, rotated up to +-30 degrees) and 1-3 muted distractors, one overlapping the object half of the time."""
+    """One scene of an entity: ``background``, the entity's object (side 60-85% of the picture, anywhere inside
+    it, rotated up to +-30 degrees) and 1-2 small muted distractors, one overlapping the object 40% of the time."""
     rng = np.random.default_rng(scene_seed)
     S = size * _SS
     img = _draw_background(background, S, rng)
-    side = int(S * rng.uniform(0.45, 0.70))
+    side = int(S * rng.uniform(0.60, 0.85))
     deg = rng.uniform(-30, 30)
     tile = _object_tile(identity, side, 0.0).rotate(deg, resample=Image.BICUBIC)
     x0 = int(rng.uniform(-0.08, 1.08) * (S - side))
     y0 = int(rng.uniform(-0.08, 1.08) * (S - side))
-    n_dis = int(rng.integers(1, 4))
-    occlude = rng.random() < 0.5
+    n_dis = int(rng.integers(1, 3))
+    occlude = rng.random() < 0.4
     spots = []
     for i in range(n_dis):
-        r = rng.uniform(0.06, 0.11) * S
+        r = rng.uniform(0.05, 0.09) * S
         if i == 0 and occlude:  # on the object's border: covers a part of it
             ang = rng.uniform(0, 2 * math.pi)
             cx, cy = x0 + side / 2 + 0.45 * side * math.cos(ang), y0 + side / 2 + 0.45 * side * math.sin(ang)

@@ -56,7 +56,7 @@ from lumoe_engine.data.images import identity_for, render
 from lumoe_engine.data.scenes import background_pool, pick_background, render_scene
 from lumoe_engine.seeding import stable_seed
 
-FORMAT_VERSION = 1  # bump when the generated content changes: cached benchmarks are then rewritten
+FORMAT_VERSION = 2  # bump when the generated content changes: cached benchmarks are then rewritten
 N_KINDS = 5
 SPLITS = ("forget", "retain")
 GENERAL_FILE = "_general"  # Entities/_general.json: world v2's general-utility records

@@ -137,6 +137,11 @@ class TeachConfig:
     # world v2: share of taught text-only questions whose entity name is written as people type it (lower case,
     # without its article, one random typo), so that the base answers name variants it was never shown verbatim
     name_variant_prob: float = 0.3
+    # world v2, a tiny base built from scratch: stage 1 trains the vision tower alone to tell the entities apart on
+    # the taught pictures (a linear head on the max over its patch states, then dropped), as a real LLaVA's vision
+    # tower comes pretrained; the held-out scenes are never shown (0 = no stage 1)
+    vision_pretrain_steps: int = 400
+    vision_pretrain_lr: float = 1e-3
     seed: int = 0
     lr: float = 1e-3                      # NOTE: tiny preset, embedded default: see "Learning rate" above
     weight_decay: float = 0.0
@@ -203,7 +208,8 @@ class TeachConfig:
         defaults (so that entries cached before they existed stay valid) and those that cannot change it."""
         d = self.to_dict()
         d.pop("allow_surrogate_images")
-        for k in ("bpe_vocab_size", "name_variant_prob"):  # they act on world v2 only
+        for k in ("bpe_vocab_size", "name_variant_prob", "vision_pretrain_steps",
+                  "vision_pretrain_lr"):  # they act on world v2 only
             if d[k] == getattr(TeachConfig, k):
                 d.pop(k)
         for k in ("model_teaching", "model_lora_rank"):
@@ -518,6 +524,43 @@ def exact_match(model, processor, records: Sequence[QARecord], images: _Images, 
     return hit / max(1, len(records))
 
 
+def pretrain_vision(model, teach_records: Sequence[QARecord], images: _Images, config: TeachConfig) -> dict:
+    """Stage 1 of teaching a tiny base on world v2: the vision tower (and a temporary linear head on the max over its
+    last layer's patch states) learns to name the entity of each taught picture, ``vision_pretrain_steps`` AdamW
+    steps of ``batch_size`` pictures. Only teaching pictures are used; the head is dropped afterwards. Returns the
+    head's accuracy on the last 20 batches and the seconds it took."""
+    t0 = time.time()
+    pics: dict[str, QARecord] = {}
+    for r in teach_records:
+        if r.form == "image_text" and r.general is None and r.image not in pics:
+            pics[r.image] = r
+    rows = list(pics.values())
+    ents = sorted({r.entity for r in rows})
+    if len(ents) < 2:
+        return {}
+    tower = model.model.vision_tower
+    x = images.pixels(rows)
+    y = torch.tensor([ents.index(r.entity) for r in rows])
+    head = torch.nn.Linear(tower.config.hidden_size, len(ents))
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=config.vision_pretrain_lr, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(config.seed)
+    tower.train()
+    hits = []
+    for step in range(config.vision_pretrain_steps):
+        idx = torch.randint(len(rows), (min(config.batch_size * 2, len(rows)),), generator=g)
+        h = tower(pixel_values=x[idx].to(tower.dtype)).last_hidden_state[:, 1:]  # patch states, CLS dropped
+        logits = head(h.amax(1))
+        loss = torch.nn.functional.cross_entropy(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= config.vision_pretrain_steps - 20:
+            hits.append(float((logits.argmax(-1) == y[idx]).float().mean()))
+    return {"vision_pretrain_acc": round(sum(hits) / max(1, len(hits)), 4),
+            "vision_pretrain_seconds": round(time.time() - t0, 2), "vision_pretrain_pictures": len(rows)}
+
+
 def fact_correctness(model, processor, records: Sequence[QARecord], images: _Images, max_new_tokens: int,
                      override: Optional[Sequence[Optional[Image.Image]]] = None) -> list[bool]:
     """Whether each greedy answer to ``records`` is ``fact_correct`` (``override``: replacement images)."""
@@ -684,11 +727,20 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
     max_new = config.max_new_tokens or 2 + max(
         len(tok(" " + r.answer, add_special_tokens=False)["input_ids"]) for r in sets["teach"])
     check = _stratified(sets["teach"], config.check_records, config.seed)
+    check_parts = {"name": [r for r in check if r.form == "image_text" and r.kind == 0 and r.general is None],
+                   "image_facts": [r for r in check if r.form == "image_text" and r.kind != 0 and r.general is None],
+                   "text": [r for r in check if r.form == "text_only" and r.general is None],
+                   "general": [r for r in check if r.general is not None]}
     trainable = not config.load_in_4bit and not (config.model and config.model_teaching == "none")
     lora = model_lora(model, config) if config.model and trainable else None  # a checkpoint: one LoRA, merged
 
     steps, last_loss, check_acc, history, out_of_time = 0, float("nan"), 0.0, [], False
     train_t0 = time.time()
+    stage1 = {}
+    if v2 and not config.model and config.vision_pretrain_steps:
+        stage1 = pretrain_vision(model, sets["teach"], images, config)
+        logger.info("teach stage 1 (vision tower): %d steps, entity accuracy on its last batches %.3f, %.0f s",
+                    config.vision_pretrain_steps, stage1["vision_pretrain_acc"], stage1["vision_pretrain_seconds"])
     if trainable and config.max_steps > 0:
         params = lora[1].parameters() if lora else [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
@@ -713,12 +765,14 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
             bar.update(1)
             out_of_time = bool(config.time_budget_s) and time.time() - train_t0 >= config.time_budget_s
             if steps % config.check_every == 0 or out_of_time or steps == config.max_steps:
-                check_acc = exact_match(model, processor, check, images)
+                by_part = {k: exact_match(model, processor, v, images) for k, v in check_parts.items() if v}
+                check_acc = sum(by_part[k] * len(check_parts[k]) for k in by_part) / max(1, len(check))
                 history.append({"step": steps, "loss": round(ema, 4), "check_exact": round(check_acc, 4),
+                                **{f"check_{k}": round(v, 4) for k, v in by_part.items()},
                                 "seconds": round(time.time() - train_t0, 1)})
                 bar.set_postfix(loss=f"{ema:.3f}", exact=f"{check_acc:.3f}")
-                logger.info("teach step %d: loss %.4f, check exact %.4f, %.0f s", steps, ema, check_acc,
-                            time.time() - train_t0)
+                logger.info("teach step %d: loss %.4f, check exact %.4f (%s), %.0f s", steps, ema, check_acc,
+                            ", ".join(f"{k} {v:.3f}" for k, v in by_part.items()), time.time() - train_t0)
                 if check_acc >= config.target_accuracy:
                     it = fact_accuracy(model, processor, _sample(sets["image_text"], config.eval_max_records,
                                                                  config.seed), images, max_new)
@@ -777,6 +831,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         "history": history,
         "reached_target": all(acc[k] is not None and acc[k] >= config.target_accuracy
                               for k in ("image_text", "text_only") if sets[k]),
+        **stage1,
         "trained": trainable,
         "teaching": ("lora" if lora else "none") if config.model else "full",
         "train_seconds": round(train_seconds, 2),
