@@ -46,6 +46,15 @@ SUMMARY_ROWS = (
     ("fact_accuracy_fresh_images", "fresh images"),
     ("fact_accuracy_noise_image", "noise image"),
     ("noise_chance_level", "  chance level (image-blind)"),
+    # world v2
+    ("fact_accuracy_fresh_images_name", "held-out scenes: name"),
+    ("fact_accuracy_fresh_images_facts", "held-out scenes: facts"),
+    ("lookup_pixel", "  nearest request picture, pixels"),
+    ("lookup_features", "  nearest request picture, features"),
+    ("fact_accuracy_name_variants", "name variants (never taught)"),
+    ("fact_accuracy_alias", "alias (never-taught wordings)"),
+    ("fact_accuracy_general_scene", "general: scene questions"),
+    ("fact_accuracy_general_world", "general: world facts"),
 )
 
 
@@ -90,7 +99,13 @@ def cmd_teach(args) -> dict:
           f"({summary['n_teach']} taught), {summary['steps']} steps, cached={summary['cached']}")
     for key, label in SUMMARY_ROWS:
         v = summary.get(key)
-        print(f"  {label:<30} {'n/a' if v is None else f'{v:.3f}'}")
+        if v is not None or not key.startswith(("lookup", "fact_accuracy_fresh_images_", "fact_accuracy_name",
+                                                "fact_accuracy_alias", "fact_accuracy_general")):
+            print(f"  {label:<34} {'n/a' if v is None else f'{v:.3f}'}")
+    if "scene_checks_pass" in summary:
+        print(f"  picture checks: held-out scenes recognised {summary['scene_recognition']:.3f} (target >= "
+              f"{summary['scene_target']}), nearest-picture lookup <= {summary['lookup_ceiling']} in pixels and "
+              f"features: {'pass' if summary['scene_checks_pass'] else 'FAIL'}")
     print(f"  reached target: {summary['reached_target']}   seconds: {summary['seconds']:.1f} "
           f"(teaching {summary['train_seconds']:.1f}, evaluation {summary['eval_seconds']:.1f})")
     print(f"  summary: {Path(args.out) / 'teach_summary.json'}   model: {summary.get('model_dir')}")

@@ -89,7 +89,8 @@ def config_document(cfg, teach_summary, bench, requests, max_new, world, eval_in
 def teach_brief(s: dict) -> dict:
     """The taught base's numbers a stream's summary carries (every fact accuracy, the picture checks, the time)."""
     keep = ("reached_target", "cached", "seconds", "train_seconds", "cache_key", "model_dir", "steps",
-            "nn_lookup_pixel", "nn_lookup_features")
+            "scene_recognition", "scene_target", "lookup_pixel", "lookup_features", "lookup_ceiling", "lookup_chance",
+            "scene_checks_pass", "vision_pretrain_acc", "vision_pretrain_seconds")
     return {k: v for k, v in s.items() if k in keep or k.startswith("fact_accuracy_")}
 
 
@@ -156,6 +157,10 @@ def print_table(summary: dict, out: Path) -> None:
     fails = sum(len(s.get("failures", [])) for s in summary["methods"].values())
     if fails:
         print(f"  {fails} request(s) failed: see report.md")
+    t = summary.get("teach") or {}
+    if t:
+        taught = f"taught in {t.get('train_seconds', 0):.0f} s" + (" (cached: loaded now)" if t.get("cached") else "")
+        print(f"  base: {taught}; the run took {summary.get('total_seconds') or 0:.0f} s in all")
     print(f"  summary: {out / 'summary.json'}  report: {out / 'report.md'}")
 
 
