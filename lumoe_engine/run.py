@@ -150,7 +150,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--compare", action="store_true", help="LUMoE and every baseline on the same stream, one table")
     g.add_argument("--data", default=None, help="MLUBench-format root (default: the embedded synthetic benchmark)")
     g.add_argument("--subset", type=int, default=None, help="N entities per task split")
-    g.add_argument("--synthetic", default=d.synthetic, help="synthetic preset: tiny | default | medium | large")
+    g.add_argument("--synthetic", default=d.synthetic,
+                   help="synthetic preset: default | tiny-v2 | medium | large (world v2), v1 | tiny (world v1)")
     g.add_argument("--model", default=None, help="HF LLaVA / LLaVA-NeXT directory, used as it is (default: the "
                                                      "tiny LLaVA, taught)")
     g.add_argument("--load-in-4bit", action="store_true",

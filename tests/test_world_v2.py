@@ -195,7 +195,7 @@ def test_teach_summary_has_the_v2_sets_and_both_picture_checks(tmp_path):
     from lumoe_engine.model.teach import LOOKUP_CEILING, SCENE_TARGET, TeachConfig, teach
 
     cfg = TeachConfig(synthetic="tiny-v2", preset="micro", batch_size=16, max_steps=20, check_every=10,
-                      eval_max_records=48, unknown_names=4, seed=0)
+                      eval_max_records=48, unknown_names=4, vision_pretrain_steps=50, seed=0)
     _, processor, s = teach(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     for k in ("fact_accuracy_name_variants", "fact_accuracy_alias", "fact_accuracy_alias_taught",
               "fact_accuracy_general_scene", "fact_accuracy_general_world", "fact_accuracy_fresh_images_name",
