@@ -158,7 +158,7 @@ def print_table(summary: dict, out: Path) -> None:
     if fails:
         print(f"  {fails} request(s) failed: see report.md")
     t = summary.get("teach") or {}
-    if t:
+    if "train_seconds" in t:  # one seed (a --seeds summary keeps each seed's teaching under its seed)
         taught = f"taught in {t.get('train_seconds', 0):.0f} s" + (" (cached: loaded now)" if t.get("cached") else "")
         print(f"  base: {taught}; the run took {summary.get('total_seconds') or 0:.0f} s in all")
     print(f"  summary: {out / 'summary.json'}  report: {out / 'report.md'}")
