@@ -906,15 +906,16 @@ LOOKUP_CEILING = 0.5  # ... while a nearest-picture lookup over the requests' ow
 
 @torch.no_grad()
 def scene_checks(model, processor, bench: Benchmark, seed: int, images: _Images, acc: dict) -> dict:
-    """World v2's two picture checks (issue: recognising the entity, not matching a stored picture, is what the
-    test measures):
+    """World v2's two picture checks (recognising the entity, not matching a stored picture, must be what the test
+    measures):
 
     - ``scene_recognition``: the taught base's fact accuracy on held-out scenes (name and facts), against
       ``SCENE_TARGET``;
     - ``lookup_pixel`` / ``lookup_features``: the share of held-out scenes whose nearest picture among every
       request's carried pictures (the protocol's split at ``seed``) is a picture of the same entity, in pixel space
       (the model's input resolution, L2) and in the base's own feature space (the image positions' [mean, max] at
-      the gate's layer, cosine), against ``LOOKUP_CEILING``; ``lookup_chance``: 1 / the entities of a class.
+      the gate's layer, cosine), against ``LOOKUP_CEILING``; ``lookup_chance``: 1 / the entities of the largest
+      class (a guess that knows the class, as the question's noun tells it).
     """
     from lumoe_engine.data.protocol import Protocol, Split
     from lumoe_engine.gate.config import DEFAULT_LAYER
