@@ -63,8 +63,6 @@ PRESETS: dict[str, TinyPreset] = {
                         vision_layers=1, vision_heads=2, vision_intermediate=64, image_size=16, patch_size=8),
     # the embedded default: 36 entities x 5 facts taught in a few minutes on 2 CPU cores
     "tiny": TinyPreset("tiny"),
-    # the tiny LM with a 48 px vision input (36 image tokens): objects in scenes (world v2) span more patches
-    "tiny-48": TinyPreset("tiny-48", image_size=48),
     # more capacity (more entities, long real answers); several times slower to teach
     "small": TinyPreset("small", hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vision_hidden=192,
                         vision_layers=3, vision_heads=4, vision_intermediate=384, image_size=48, patch_size=8),
