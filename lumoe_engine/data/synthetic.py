@@ -613,9 +613,34 @@ def _assign_tasks(config: SyntheticConfig, ents: list[_Entity]):
     return forget, retain, never
 
 
+def _answers(e: _Entity):
+    """kind -> (answer, keys) of entity ``e``: its name for kind 0, else the fact, first letter capitalised."""
+    def answer_of(kind):
+        v = e.name if kind == 0 else e.facts[kind - 1]
+        return v[0].upper() + v[1:], (v,)
+    return answer_of
+
+
+def _image_text_records(config: SyntheticConfig, e: _Entity, names, facts, meta, rid) -> list[dict]:
+    """Every (family, picture, kind) image+text record of ``e``; ``meta`` and ``rid(phrasing, picture, kind)``
+    (the record id) are the world's own."""
+    answer_of = _answers(e)
+    out = []
+    for phr in range(config.phrasings_per_kind):
+        for v in range(config.teach_images + config.fresh_images):
+            image = f"downloaded_images/{e.cls.name}/{e.stem}/img_{v:02d}.png"
+            for kind in range(N_KINDS):
+                q = names[phr] if kind == 0 else facts[kind - 1][phr][0]
+                ans, keys = answer_of(kind)
+                out.append({"id": rid(phr, v, kind), "image": image,
+                            "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                              {"from": "gpt", "value": ans}],
+                            "meta": meta(kind, phr, "image_text", keys, v >= config.teach_images, v)})
+    return out
+
+
 def _entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
     P = config.phrasings_per_kind
-    n_img = config.teach_images + config.fresh_images
     recs: list[dict] = []
     names = name_families(e.cls, P)
     facts = [fact_families(e.cls, k, P) for k in e.cls.kinds]
@@ -625,20 +650,9 @@ def _entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
         return {"entity": e.name, "class": e.cls.name, "kind": kind, "phrasing": phr, "form": form,
                 "keys": list(keys), "heldout_phrasing": phr == P - 1, "fresh_image": fresh, "image_variant": variant}
 
-    def answer_of(kind):
-        v = e.name if kind == 0 else e.facts[kind - 1]
-        return v[0].upper() + v[1:], (v,)
-
-    for phr in range(P):
-        for v in range(n_img):
-            image = f"downloaded_images/{e.cls.name}/{e.stem}/img_{v:02d}.png"
-            for kind in range(N_KINDS):
-                q = names[phr] if kind == 0 else facts[kind - 1][phr][0]
-                ans, keys = answer_of(kind)
-                recs.append({"id": str(phr * 100000 + e.index * 100 + v * N_KINDS + kind), "image": image,
-                             "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                               {"from": "gpt", "value": ans}],
-                             "meta": meta(kind, phr, "image_text", keys, v >= config.teach_images, v)})
+    answer_of = _answers(e)
+    recs += _image_text_records(config, e, names, facts, meta,
+                                lambda phr, v, kind: str(phr * 100000 + e.index * 100 + v * N_KINDS + kind))
     if config.text_only:
         for phr in range(P):
             for kind in range(1, N_KINDS):
@@ -658,7 +672,6 @@ def _v2_entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
     families) and the name variants (lower case, no article, one typo; tested in two taught families each)."""
     P = config.phrasings_per_kind
     taught = list(range(P - config.heldout_families))
-    n_img = config.teach_images + config.fresh_images
     names = v2_name_families(e.cls)
     facts = [v2_fact_families(e.cls, k) for k in e.cls.kinds]
     recs: list[dict] = []
@@ -668,20 +681,8 @@ def _v2_entity_records(config: SyntheticConfig, e: _Entity) -> list[dict]:
                 "heldout_phrasing": phr >= len(taught), "fresh_image": fresh, "image_variant": v,
                 "variant": variant, "heldout_variant": held_variant, "general": None}
 
-    def answer_of(kind):
-        v = e.name if kind == 0 else e.facts[kind - 1]
-        return v[0].upper() + v[1:], (v,)
-
-    for phr in range(P):
-        for v in range(n_img):
-            image = f"downloaded_images/{e.cls.name}/{e.stem}/img_{v:02d}.png"
-            for kind in range(N_KINDS):
-                q = names[phr] if kind == 0 else facts[kind - 1][phr][0]
-                ans, keys = answer_of(kind)
-                recs.append({"id": f"it-{phr}-{v}-{kind}", "image": image,
-                             "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                               {"from": "gpt", "value": ans}],
-                             "meta": meta(kind, phr, "image_text", keys, v >= config.teach_images, v)})
+    answer_of = _answers(e)
+    recs += _image_text_records(config, e, names, facts, meta, lambda phr, v, kind: f"it-{phr}-{v}-{kind}")
 
     def text(tag, phr, kind, ref, variant=None, held_variant=False):
         q = facts[kind - 1][phr][1].format(ref=ref, ref_pos=_possessive(ref))
