@@ -46,7 +46,8 @@ SUMMARY_ROWS = (
     ("fact_accuracy_fresh_images", "fresh images"),
     ("fact_accuracy_noise_image", "noise image"),
     ("noise_chance_level", "  chance level (image-blind)"),
-    # world v2
+)
+V2_SUMMARY_ROWS = (  # world v2 only: printed where the summary has them
     ("fact_accuracy_fresh_images_name", "held-out scenes: name"),
     ("fact_accuracy_fresh_images_facts", "held-out scenes: facts"),
     ("lookup_pixel", "  nearest request picture, pixels"),
@@ -97,11 +98,9 @@ def cmd_teach(args) -> dict:
     _, _, summary = teach(config, args.out, cache_dir=args.cache, progress=not args.no_progress)
     print(f"teach: {summary['n_entities']} entities, {summary['n_qa']} QA pairs "
           f"({summary['n_teach']} taught), {summary['steps']} steps, cached={summary['cached']}")
-    for key, label in SUMMARY_ROWS:
+    for key, label in SUMMARY_ROWS + tuple(r for r in V2_SUMMARY_ROWS if summary.get(r[0]) is not None):
         v = summary.get(key)
-        if v is not None or not key.startswith(("lookup", "fact_accuracy_fresh_images_", "fact_accuracy_name",
-                                                "fact_accuracy_alias", "fact_accuracy_general")):
-            print(f"  {label:<34} {'n/a' if v is None else f'{v:.3f}'}")
+        print(f"  {label:<36} {'n/a' if v is None else f'{v:.3f}'}")
     if "scene_checks_pass" in summary:
         print(f"  picture checks: held-out scenes recognised {summary['scene_recognition']:.3f} (target >= "
               f"{summary['scene_target']}), nearest-picture lookup <= {summary['lookup_ceiling']} in pixels and "

@@ -47,9 +47,14 @@ class Background:
     angle: int
 
 
-def _muted(rng: random.Random, v_lo=0.30, v_hi=0.85, s_hi=0.28) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, s_hi), rng.uniform(v_lo, v_hi))
+def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h, s, v)
     return (int(r * 255), int(g * 255), int(b * 255))
+
+
+def _muted(rng: random.Random) -> tuple[int, int, int]:
+    """A background colour: any hue, little saturation."""
+    return _hsv(rng.random(), rng.uniform(0.05, 0.28), rng.uniform(0.30, 0.85))
 
 
 def background_pool(seed: int, n: int = N_BACKGROUNDS) -> list[Background]:
@@ -142,8 +147,8 @@ def render_scene(identity: Identity, background: Background, scene_seed: int, si
 
 
 def _muted_np(rng: np.random.Generator) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.22), rng.uniform(0.25, 0.95))
-    return (int(r * 255), int(g * 255), int(b * 255))
+    """A distractor's colour: any hue, less saturated than any entity's."""
+    return _hsv(rng.random(), rng.uniform(0.0, 0.22), rng.uniform(0.25, 0.95))
 
 
 @dataclass(frozen=True)
