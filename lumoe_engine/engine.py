@@ -49,8 +49,8 @@ class GateProtocol(Protocol):
              input_ids: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
-              texts: Optional[Sequence[str]] = None, has_image: Optional[Sequence[bool]] = None
-              ) -> tuple[torch.Tensor, torch.Tensor]: ...
+              texts: Optional[Sequence[str]] = None, has_image: Optional[Sequence[bool]] = None,
+              identities: Optional[Sequence[Optional[str]]] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class _Pending:
     input_ids: Optional[torch.Tensor] = None  # [B, S] the prompt ids (the gate's image positions)
     texts: Optional[list] = None              # [B] the prompt texts as given (the gate's name channel)
     has_image: Optional[list] = None          # [B] which queries carry an image
+    identities: Optional[list] = None         # [B] the base's identity answer per picture (recognition channel)
     decisions: Optional[list[RoutingDecision]] = None
 
 
@@ -115,11 +116,14 @@ class LUMoEEngine:
     gate_layer: L, experts act on decoder layers > L; default ``gate.layer``, or -1 (all layers) without a gate
     top_k:      at most this many experts per query (the gate's first top_k choices, by weight)
     targets:    short names of the wrapped linears in each decoder layer
+    recognizer: asks the base who each query's picture shows, for a gate with ``recognition`` on
+                (``gate.recognition.Recognizer``; default: one over this model, every expert off)
     The model is wrapped in place (``close()`` unwraps it); a model already wrapped for ``bank`` is reused as is.
     """
 
     def __init__(self, model, processor, bank: ExpertBank, gate=None, gate_layer: Optional[int] = None,
-                 top_k: int = 1, targets: Sequence[str] = DEFAULT_TARGETS, block_m: int = 16) -> None:
+                 top_k: int = 1, targets: Sequence[str] = DEFAULT_TARGETS, block_m: int = 16,
+                 recognizer=None) -> None:
         if not isinstance(bank, ExpertBank):
             raise ValueError(f"bank: expected an ExpertBank, got {type(bank).__name__}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -156,6 +160,11 @@ class LUMoEEngine:
                                   block_m=block_m)
             self._owns_wrap = True
         self._pending: Optional[_Pending] = None
+        self.recognizer = None
+        if gate is not None and getattr(gate, "recognition", False):
+            from lumoe_engine.gate.recognition import Recognizer
+
+            self.recognizer = recognizer if recognizer is not None else Recognizer(model, processor, self.ctx)
         self._hook = decoder[gate_layer].register_forward_hook(self._gate_hook) if gate is not None else None
 
     # ------------------------------------------------------------------------------------------------- public
@@ -246,9 +255,14 @@ class LUMoEEngine:
             self.ctx.set_routing(slots, weights, token_mask=attention_mask)
             return decisions
         if self.gate is not None:
+            identities = None
+            if self.recognizer is not None and images is not None and any(im is not None for im in images):
+                identities = self.recognizer.identify(list(images))  # the base alone, before this batch's routing
+                self.ctx.clear()
             self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask, input_ids=input_ids,
                                      texts=None if texts is None else list(texts),
-                                     has_image=None if images is None else [im is not None for im in images])
+                                     has_image=None if images is None else [im is not None for im in images],
+                                     identities=identities)
             return None
         return [RoutingDecision((), (), "none")] * batch
 
@@ -317,7 +331,9 @@ class LUMoEEngine:
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
         features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
-        weights, ids = self.gate.route(features, top_k=self.top_k, texts=pending.texts, has_image=pending.has_image)
+        extra = {} if pending.identities is None else {"identities": pending.identities}
+        weights, ids = self.gate.route(features, top_k=self.top_k, texts=pending.texts, has_image=pending.has_image,
+                                       **extra)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
         slots, w, decisions = self._gate_routing(weights, ids)
         pending.decisions = decisions

@@ -334,6 +334,9 @@ class RequestPipeline:
         if rid not in self.gate:
             names, neg_texts = (request_names(request), [r.question for r in data.negatives]) \
                 if self.gate_config.names else (None, None)
+            recognizer = getattr(self.engine, "recognizer", None)
+            if neg_texts is not None and recognizer is not None:  # the base's answers about the negatives' pictures
+                neg_texts += [t for t in recognizer.identify_records(data.negatives).values() if t]
             self.gate.add_expert(rid, pos, neg, **({"pos_groups": data.groups} if data.groups else {}), names=names,
                                  neg_texts=neg_texts)
             self.gate.save(self.gate_dir)

@@ -169,7 +169,7 @@ def test_names_survive_save_load_as_strings_and_leave_with_revocation(tmp_path):
     g._name_index = None
     g.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
-    assert meta["version"] == GATE_FORMAT_VERSION == 4
+    assert meta["version"] == GATE_FORMAT_VERSION == 5
     assert meta["names"] == [["Vorla Quintessa", "The Glass Widow"], ["Brask Olden"], ["Moon"]]
     assert meta["names_exact"] == [["Vorla Quintessa"], [], []]
     h = Gate.load(tmp_path / "g")
@@ -219,7 +219,7 @@ def test_older_gate_files_load_or_say_what_to_do(tmp_path):
     assert conv.names == [["Vorla Quintessa"], ["Brask Olden", "B. Olden"]]
     assert _routed(conv.route(torch.randn(2, D), 1, texts=texts)[1]) == [[0], [1]]
     conv.save(folder)
-    assert json.loads((folder / "gate.json").read_text())["version"] == 4
+    assert json.loads((folder / "gate.json").read_text())["version"] == GATE_FORMAT_VERSION
     assert Gate.load(folder).names == conv.names
 
 
@@ -245,7 +245,7 @@ def test_store_converts_an_old_gate_from_its_ledger(tmp_path, capsys):
     msgs = []
     gate = store.load_gate(convert=True, out=msgs.append)
     assert gate.names == [["Olan Brisk", "The Tanner of Vell"]] and "rewritten as text" in msgs[0]
-    assert json.loads((store.gate_dir / "gate.json").read_text())["version"] == 4
+    assert json.loads((store.gate_dir / "gate.json").read_text())["version"] == GATE_FORMAT_VERSION
     assert store.load_gate().name_hits(["what does the tanner of vell make", "Olan Brisks trade", "Olan's trade"]) == [[0], [0], []]
 
 

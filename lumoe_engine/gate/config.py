@@ -58,7 +58,8 @@ class GateConfig:
     sim_quantile: Optional[float] = 0.02
     bound_dim: Optional[int] = 128
     names: bool = True
-    image: bool = True
+    recognition: bool = True
+    image: bool = False
     image_slack: float = 1.0
     augment: int = 2
     sub_heads: bool = True
@@ -99,7 +100,7 @@ class GateConfig:
         """The keyword arguments of ``Gate`` this configuration sets (layer and widths come from the model)."""
         return dict(pooling=self.pooling, head=self.head, target_fpr=float(self.target_fpr), seed=int(self.seed),
                     similarity=self.similarity, n_protos=self.n_protos, sim_quantile=self.sim_quantile,
-                    bound_dim=self.bound_dim, image_slack=float(self.image_slack))
+                    bound_dim=self.bound_dim, image_slack=float(self.image_slack), recognition=bool(self.recognition))
 
     # ------------------------------------------------------------------------------------------------ files
     def to_dict(self) -> dict:
@@ -125,7 +126,8 @@ class GateConfig:
 GATE_PRESETS: dict[str, GateConfig] = {
     "default": GateConfig(),
     "strict": GateConfig(target_fpr=0.001),
-    "features": GateConfig(names=False, image=False),
+    "lookup": GateConfig(recognition=False, image=True),
+    "features": GateConfig(names=False, recognition=False, image=False),
 }
 
 

@@ -55,6 +55,7 @@ from lumoe_engine.fileio import atomic_write
 from lumoe_engine.gate.config import DEFAULT_LAYER, GATE_PRESETS, HEADS, GateConfig, gate_preset
 from lumoe_engine.gate.features import POOLINGS, decoder_layers, layer_features
 from lumoe_engine.gate.gate import Gate
+from lumoe_engine.gate.recognition import picture_of
 
 logger = logging.getLogger("lumoe_engine.gate")
 
@@ -180,7 +181,8 @@ def plain(cfg: GateConfig) -> GateConfig:
 
 def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, setting: str, config: GateConfig,
                     negatives: str = "seen", retain_pool: str = "all", extra: Optional[dict] = None,
-                    names: Optional[dict] = None, image_dim: int = 0) -> tuple[Gate, dict]:
+                    names: Optional[dict] = None, image_dim: int = 0, identities: Optional[dict] = None,
+                    known: Optional[set] = None, prompt_names: bool = True) -> tuple[Gate, dict]:
     """Build the gate of one setting request after request from precomputed features, then measure it.
 
     feats: [N, D] features of every record; index: record uid -> row of feats; config: the gate (``GateConfig``: its
@@ -194,6 +196,13 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     image_dim: the last ``image_dim`` columns of feats are the image channel's (``features.image_pool``; 0: none).
     names: the name channel (``Gate``): {entity: its names as text (the name and its aliases: ``entity_names``)};
         every query is routed with its question text; None: features alone route.
+    identities: the recognition channel (``recognition``): {picture key: the base's answer to the identity
+        question}; a query with a picture is routed with its answer (needs ``names``); the negatives' answers join
+        the names' calibration texts. None: no recognition.
+    prompt_names: with ``names``, match them in the queries' prompts (False: only in the identity answers, the
+        ablation of the recognition channel alone; text-only queries then go by the heads).
+    known: uids of the test queries the base answers right (as leak counts them): each route_acc_<form> is also
+        given over them (``route_acc_known_<form>``), which the targets judge.
     returns (gate, metrics dict)
     """
     if negatives not in ("seen", "all"):
@@ -207,7 +216,13 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     rows = lambda recs: feats[[index[r.uid] for r in recs]]  # noqa: E731
     reqs = requests_for(sets, setting)
     train = {eid: [r for e in ents for r in sets["train"][e]] for eid, _, ents in reqs}
-    gate = Gate(layer=config.layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, **config.gate_kwargs())
+    if identities is not None and names is None:
+        raise ValueError("identities: the recognition channel matches names; pass names too")
+    kwargs = config.gate_kwargs()
+    kwargs["recognition"] = identities is not None
+    gate = Gate(layer=config.layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, **kwargs)
+    said = (lambda recs: [identities.get(picture_of(r)) if r.form == "image_text" else None  # noqa: E731
+                          for r in recs]) if identities is not None else None
     t_add = []
     seen_tasks: list[str] = []
     for i, (eid, task, ents) in enumerate(reqs):
@@ -227,11 +242,16 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                 labels += [e] * len(a)
             if config.counterfactuals:
                 neg.append(extra["neg"][e])
+        neg_texts = None
+        if names is not None:
+            neg_texts = [r.question for r in neg_recs]
+            if said is not None:
+                neg_texts += sorted({t for t in said(neg_recs) if t})
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
                         pos_groups=labels if config.sub_heads and len(ents) > 1 else None,
                         names=[q for e in ents for q in names[e]] if names is not None else None,
-                        neg_texts=[r.question for r in neg_recs] if names is not None else None)
+                        neg_texts=neg_texts)
         t_add.append(time.perf_counter() - t0)
 
     expert_of = {e: eid for eid, _, ents in reqs for e in ents}
@@ -246,7 +266,10 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
             return []
         kw = {}
         if names is not None:  # the question as the engine gets it, and whether an image comes with it
-            kw = dict(texts=[r.question for r in recs], has_image=[r.form == "image_text" for r in recs])
+            kw = dict(texts=[r.question for r in recs] if prompt_names else None,
+                      has_image=[r.form == "image_text" for r in recs])
+            if said is not None:
+                kw["identities"] = said(recs)
         _, ids = gate.route(rows(recs), 1, **kw)
         return [gate.expert_ids[i] if i >= 0 else None for i in ids[:, 0].tolist()]
 
@@ -255,6 +278,10 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     for name, recs in groups.items():
         got = top1(recs)
         m[f"route_acc_{name}"] = _rate([g == expert_of[r.entity] for g, r in zip(got, recs)])
+        if known is not None and not name.startswith("request_"):
+            kn = [(g, r) for g, r in zip(got, recs) if r.uid in known]
+            m[f"route_acc_known_{name}"] = _rate([g == expert_of[r.entity] for g, r in kn])
+            m[f"n_known_{name}"] = len(kn)
         fnr[name] = _rate([g is None for g in got])
         confusions += sum(g is not None and g != expert_of[r.entity] for g, r in zip(got, recs))
         m[f"n_{name}"] = len(recs)
@@ -274,8 +301,11 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                   "n_pos_mean": round(sum(r.n_pos for r in reps) / len(reps), 1),
                   "n_neg_max": max(r.n_neg for r in reps)}
     m["add_expert_s"] = {"mean": round(sum(t_add) / len(t_add), 4), "max": round(max(t_add), 4)}
-    m["meets_targets"] = all(m.get(k) is None or (m[k] >= v if k.startswith("route") else m[k] <= v)
-                             for k, v in TARGETS.items())  # a form the benchmark lacks (None) is not judged
+    judged = {(k.replace("route_acc_", "route_acc_known_") if known is not None else k): v for k, v in TARGETS.items()}
+    # a form the benchmark lacks is not judged; one it has but of which the base knows no query fails
+    m["meets_targets"] = all((m.get(k) is None and m.get(k.replace("_known_", "_")) is None) or
+                             (m.get(k) is not None and (m[k] >= v if k.startswith("route") else m[k] <= v))
+                             for k, v in judged.items())
     return gate, m
 
 
@@ -307,6 +337,7 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
     texts = [f"Could you tell me the founding year of Entity{(7 * b) % n_experts} Kerrowan?" if b % 2 else
              "Could you tell me the founding year of the company shown here?" for b in range(batch)]
     has_image = [False] * batch
+    identities = None
     x = torch.randn(batch, dim, generator=g)
     if image_dim:
         gate.image_dim = image_dim
@@ -320,18 +351,26 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
         img[int(round(batch * image_share)):] = 0  # the rest: queries without an image
         x = torch.cat([x, img], 1)
         has_image = [b < int(round(batch * image_share)) for b in range(batch)]
+    if config.recognition and config.names:  # the base's answers for the queries with a picture (one in two names
+        #                                      an expert), matched as the identity channel does
+        gate.recognition = True
+        n_img = int(round(batch * image_share))
+        has_image = [b < n_img for b in range(batch)]
+        identities = [(f"Entity{(11 * b) % n_experts} Kerrowan" if b % 2 else "Nothing I know by name.")
+                      if b < n_img else None for b in range(batch)]
+    kw = dict(texts=texts, has_image=has_image, identities=identities)
     for _ in range(10):
-        gate.route(x, texts=texts, has_image=has_image)
+        gate.route(x, **kw)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gate.route(x, texts=texts, has_image=has_image)
+        gate.route(x, **kw)
         ts.append(time.perf_counter() - t0)
     ts.sort()
     return {"n_experts": n_experts, "batch": batch, "dim": dim, "head": head, "threads": torch.get_num_threads(),
             "n_protos": n_protos, "bound_width": gate.bound_width, "image_dim": image_dim,
             "image_protos": image_protos if image_dim else 0, "image_share": image_share if image_dim else 0.0,
-            "image_width": gate.image_width if image_dim else 0,
+            "image_width": gate.image_width if image_dim else 0, "recognition": identities is not None,
             "routed_share": float((gate.route(x)[1] >= 0).float().mean()),
             "p50_ms": round(1e3 * ts[len(ts) // 2], 4), "p10_ms": round(1e3 * ts[len(ts) // 10], 4),
             "min_ms": round(1e3 * ts[0], 4)}
@@ -370,13 +409,35 @@ def entity_names(sets: dict) -> dict[str, list[str]]:
     return {e: [e] + list(sets.get("aliases", {}).get(e, ())) for t in sets["tasks"] for e in sets["forget"][t]}
 
 
+HEADLINE_FORMS = ("image_text", "text_only", "reworded", "name_variants", "alias", "fresh_scene")
+
+
 def _headline(m: dict) -> dict:
-    return {k: m.get(k) for k in ("route_acc_request_image_text", "route_acc_image_text", "route_acc_text_only",
-                                  "route_acc_reworded", "route_acc_name_variants", "route_acc_alias",
-                                  "route_acc_fresh_scene", *[f"route_acc_typed_{v}" for v in TYPED_VARIANTS],
-                                  "fpr_retain", "fpr_unrequested", "fpr_general",
-                                  "wrong_expert",
-                              "meets_targets")}
+    keys = ["route_acc_request_image_text", *[f"route_acc_{f}" for f in HEADLINE_FORMS],
+            *[f"route_acc_known_{f}" for f in HEADLINE_FORMS], *[f"route_acc_typed_{v}" for v in TYPED_VARIANTS],
+            "fpr_retain", "fpr_unrequested", "fpr_general", "wrong_expert", "meets_targets"]
+    return {k: m.get(k) for k in keys if k in m}
+
+
+def known_uids(model, processor, records: Sequence[QARecord], max_new_tokens: int, batch_size: int = 64) -> set:
+    """uids of ``records`` whose greedy base answer states the fact (``eval.scoring.fact_correct``): the queries
+    whose leak would count."""
+    from lumoe_engine.data.mlubench import load_image
+    from lumoe_engine.eval.scoring import fact_correct
+    from lumoe_engine.model.collate import generate_answers
+
+    preds = generate_answers(model, processor, list(records), max_new_tokens, batch_size=batch_size,
+                             image_fn=load_image)
+    return {r.uid for p, r in zip(preds, records) if fact_correct(p, r)}
+
+
+# the ablations gate-eval measures beside the chosen configuration: (label, what it changes)
+ABLATIONS = (
+    ("no_recognition", "queries with a picture go by the heads and the similarity bound (names in the prompt kept)"),
+    ("lookup", "queries with a picture go by the image channel's nearest stored picture (names in the prompt kept)"),
+    ("recognition_only", "names matched in the identity answers only: text-only queries go by the heads"),
+    ("features", "the heads and the similarity bound alone: no names, no recognition, no image channel"),
+)
 
 
 def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateConfig] = None, sweep: bool = True,
@@ -384,20 +445,24 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
               batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """Run the gate evaluation (module docstring) and write ``out_dir/gate_summary.json``; returns the summary.
 
+    teach_config: the taught base (default: the one a stream of ``seed`` uses, ``StreamConfig(seed).teach_config()``:
+    the world and the base of that seed, shared with the main job's cache).
     config: the gate configuration evaluated in both settings (default ``gate_preset("strict")``; its layer None is
-    ``DEFAULT_LAYER``; its ``names`` / ``image`` turn the name and image channels on).
+    ``DEFAULT_LAYER``; its ``names`` / ``recognition`` / ``image`` turn the channels on). Every ``ABLATIONS`` row is
+    measured too (``"ablations"``).
     sweep: also measure, with the plain recipe (no extra queries), every (layer, pooling, head), and, at the chosen
     layer / pooling / head, every recipe variant; each row is reported (``"sweep"``, ``"recipes"``). The sweep rows
-    route by features alone; the chosen configuration is also measured without each of its channels and without the
-    similarity bound.
+    route by features alone.
     """
-    from lumoe_engine.model.teach import TeachConfig, default_cache_dir, load_data, teach
+    from lumoe_engine.gate.recognition import Recognizer
+    from lumoe_engine.model.teach import default_cache_dir, load_data, teach
+    from lumoe_engine.stream.config import StreamConfig
 
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = (config or gate_preset("strict")).validate()
-    teach_cfg = teach_config or TeachConfig()
+    teach_cfg = teach_config or StreamConfig(seed=seed).teach_config()
     model, processor, teach_summary = teach(teach_cfg, out, cache_dir, progress=progress)
     bench = load_data(teach_cfg, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     protocol = protocol or Protocol(seed=seed)
@@ -409,40 +474,81 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
     config = dataclasses.replace(config, layer=layer, seed=seed)
     names, image = config.names, config.image
 
-    # features of every record, every layer and pooling, in one pass
+    # features of every record, every layer and pooling, in one pass (with the image channel's columns, which the
+    # "lookup" ablation reads)
     records = list(sets["split"].benchmark.records) + typed_records(sets)
     index = {r.uid: i for i, r in enumerate(records)}
     layers = list(range(n_layers)) if sweep else [layer]
     poolings = list(POOLINGS) if sweep else [config.pooling]
     t0 = time.perf_counter()
-    feats = layer_features(model, processor, records, layers, poolings, batch_size=batch_size, image=image)
+    feats = layer_features(model, processor, records, layers, poolings, batch_size=batch_size, image=True)
     t_feat = time.perf_counter() - t0
     # the recipe's extra queries (all variants of the sweep use subsets of the full one)
     full = dataclasses.replace(config, counterfactuals=config.counterfactuals or sweep,
                                augment=max(config.augment, 2 if sweep else 0), sub_heads=True)
     t0 = time.perf_counter()
-    extra, extra_counts = extra_features(model, processor, sets, full, batch_size, seed, image)
+    extra, extra_counts = extra_features(model, processor, sets, full, batch_size, seed, image=True)
     t_extra = time.perf_counter() - t0
     logger.info("gate features: %d records x %d layers x %d poolings in %.1f s; %s extra queries in %.1f s",
                 len(records), len(layers), len(poolings), t_feat, extra_counts, t_extra)
+    # the recognition channel: the base's answer to the identity question for every picture of the world
+    t0 = time.perf_counter()
+    recognizer = Recognizer(model, processor, batch_size=batch_size)
+    identities = recognizer.identify_records(records)
+    t_ident = time.perf_counter() - t0
+    # the test queries the base answers right (route accuracy as leak counts it)
+    test_recs = [r for e in sets["test"] for f in TEST_FORMS for r in sets["test"][e][f]] + typed_records(sets)
+    t0 = time.perf_counter()
+    known = known_uids(model, processor, test_recs, int(teach_summary.get("max_new_tokens") or 16), batch_size)
+    t_known = time.perf_counter() - t0
 
-    common = dict(negatives=negatives, retain_pool=retain_pool)
-    channel = dict(names=entity_names(sets)) if names else {}
+    common = dict(negatives=negatives, retain_pool=retain_pool, known=known)
+    text = feats[(layer, config.pooling)]
+    X_img = torch.cat([text, feats[(layer, "image")]], 1)
+    image_cols = feats[(layer, "image")].shape[1]
+    all_names = entity_names(sets)
+
+    def variant(cfg: GateConfig, prompt_names: bool = True) -> dict:
+        """The features and channel arguments of ``build_and_score`` for a configuration."""
+        kw: dict = dict(prompt_names=prompt_names)
+        if cfg.names:
+            kw["names"] = all_names
+            if cfg.recognition:
+                kw["identities"] = identities
+        if cfg.image:
+            return dict(feats=X_img, extra=extra, image_dim=image_cols, **kw)
+        plain_extra = {k: {e: v[:, :text.shape[1]] for e, v in d.items()} for k, d in extra.items()}
+        return dict(feats=text, extra=plain_extra, **kw)
+
     summary: dict = {"config": {**config.to_dict(), "recipe": recipe_name(config),
                                 "protocol": dataclasses.asdict(protocol), "negatives": negatives,
                                 "retain_pool": retain_pool, "n_layers": n_layers, "extra_queries": extra_counts,
-                                "name_channel": bool(names), "image_channel": bool(image)},
-                     "targets": TARGETS}
-    image_dim = feats[(layer, "image")].shape[1] if image else 0
-    text = feats[(layer, config.pooling)]
-    X = torch.cat([text, feats[(layer, "image")]], 1) if image else text
+                                "name_channel": bool(names), "recognition_channel": bool(names and
+                                                                                         config.recognition),
+                                "image_channel": bool(image)},
+                     "targets": TARGETS, "teach_seed": teach_cfg.seed}
     for setting in SETTINGS:
-        gate, m = build_and_score(X, index, sets, setting, config, extra=extra, image_dim=image_dim, **common,
-                                  **channel)
+        v = variant(config)
+        gate, m = build_and_score(v.pop("feats"), index, sets, setting, config, **common, **v)
         summary[setting] = m
         gate.save(out / f"gate_{setting}")
         if progress:
             print(f"{setting}: {json.dumps(_headline(m))}", flush=True)
+    ablation_cfgs = {"no_recognition": (dataclasses.replace(config, recognition=False, image=False), True),
+                     "lookup": (dataclasses.replace(config, recognition=False, image=True), True),
+                     "recognition_only": (dataclasses.replace(config, names=True, recognition=True, image=False),
+                                          False),
+                     "features": (dataclasses.replace(config, names=False, recognition=False, image=False), True)}
+    arows = []
+    for what, _ in ABLATIONS:
+        cfg, prompt = ablation_cfgs[what]
+        for setting in SETTINGS:
+            v = variant(cfg, prompt)
+            _, m = build_and_score(v.pop("feats"), index, sets, setting, cfg, **common, **v)
+            arows.append({"ablation": what, "setting": setting, **_headline(m)})
+            if progress:
+                print(json.dumps(arows[-1]), flush=True)
+    summary["ablations"] = arows
     if sweep:
         rows = []
         for L, p, h in ((L, p, h) for L in layers for p in poolings for h in HEADS):
@@ -455,21 +561,6 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
                     print(json.dumps(rows[-1]), flush=True)
         summary["sweep"] = rows
         rrows = []
-        plain_extra = {k: {e: v[:, :text.shape[1]] for e, v in d.items()} for k, d in extra.items()}
-        # the chosen configuration without one channel, or without the similarity bound: (label, features, extra
-        # features, config, keyword arguments)
-        variants = ([("name_channel", X, extra, config, dict(image_dim=image_dim))] if names else []) + \
-            ([("image_channel", text, plain_extra, config, dict(channel))] if image else []) + \
-            [("similarity", X, extra, dataclasses.replace(config, similarity=None),
-              dict(image_dim=image_dim, **channel))]
-        for what, feats_v, extra_v, cfg, kw in variants:
-            for setting in SETTINGS:
-                _, m = build_and_score(feats_v, index, sets, setting, cfg, extra=extra_v, **common, **kw)
-                rrows.append({"layer": layer, "pooling": config.pooling, "head": config.head,
-                              "recipe": recipe_name(config), what: None if what == "similarity" else False,
-                              "setting": setting, **_headline(m)})
-                if progress:
-                    print(json.dumps(rrows[-1]), flush=True)
         for cf in (False, True):
             for aug in (0, 2):
                 for sub in (False, True):
@@ -477,14 +568,20 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
                     for setting in SETTINGS:
                         if sub and setting == "per_entity":
                             continue  # one entity per request: sub-heads change nothing
-                        _, m = build_and_score(X, index, sets, setting, cfg, extra=extra, image_dim=image_dim,
-                                               **common, **channel)
+                        v = variant(cfg)
+                        _, m = build_and_score(v.pop("feats"), index, sets, setting, cfg, **common, **v)
                         rrows.append({"layer": layer, "pooling": config.pooling, "head": config.head,
                                       "recipe": recipe_name(cfg), "setting": setting, **_headline(m)})
                         if progress:
                             print(json.dumps(rrows[-1]), flush=True)
         summary["recipes"] = rrows
-    dim = X.shape[1] - image_dim
+    dim = text.shape[1]
+    image_dim = image_cols if image else 0
+    n_pics = len(identities)
+    summary["recognition"] = {
+        "pictures": n_pics, "seconds": round(t_ident, 2), "ms_per_picture": round(1e3 * t_ident / max(1, n_pics), 3),
+        "probe": recognizer.probe, "max_new_tokens": recognizer.max_new_tokens,
+        "known_test_queries": len(known), "test_queries": len(test_recs), "known_seconds": round(t_known, 2)}
     summary["timing"] = {
         "feature_extraction_s": round(t_feat, 2), "records": len(records),
         "feature_ms_per_record": round(1e3 * t_feat / max(1, len(records)), 3),
@@ -492,13 +589,14 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
         "extra_queries_s": round(t_extra, 2),
         "route_1000_experts_batch64": route_timing(dim, config, image_dim=image_dim),
         "route_1000_experts_batch64_all_images": route_timing(dim, config, image_dim=image_dim, image_share=1.0)
-        if image_dim else None,
+        if image_dim or config.recognition else None,
         "add_expert_s": {s: summary[s]["add_expert_s"] for s in SETTINGS},
         "total_s": round(time.time() - t_start, 1),
     }
     summary["teach"] = {k: teach_summary.get(k) for k in (
         "fact_accuracy_image_text", "fact_accuracy_text_only", "fact_accuracy_heldout_phrasing",
-        "fact_accuracy_fresh_images", "reached_target", "steps", "cache_key", "cached")}
+        "fact_accuracy_fresh_images", "identity_taught", "identity_heldout_scenes", "identity_general_pictures",
+        "reached_target", "steps", "cache_key", "cached")}
     atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -529,10 +627,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--similarity", type=float, default=None,
                         help="cosine bound of the similarity check (default: the preset's; -1: no bound)")
     parser.add_argument("--n-protos", type=int, default=None, help="prototypes per positive group for the bound")
-    parser.add_argument("--no-image", action="store_true",
-                        help="no image channel: queries with an image are routed by the heads like the others")
+    parser.add_argument("--image", action="store_true",
+                        help="the image channel (nearest stored picture) for queries with a picture the recognition "
+                             "channel does not route")
+    parser.add_argument("--no-image", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-names", action="store_true",
-                        help="no name channel: route by the pooled features alone")
+                        help="no name channel (and so no recognition): route by the pooled features alone")
+    parser.add_argument("--no-recognition", action="store_true",
+                        help="no recognition channel: queries with a picture are not routed by the base's answer to "
+                             "the identity question")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -554,8 +657,12 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
         over["sub_heads"] = False
     if args.no_image:
         over["image"] = False
+    if getattr(args, "image", False):
+        over["image"] = True
     if args.no_names:
         over["names"] = False
+    if getattr(args, "no_recognition", False):
+        over["recognition"] = False
     return gate_preset(args.gate_preset, **over)
 
 

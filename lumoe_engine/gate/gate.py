@@ -103,7 +103,7 @@ from lumoe_engine.model.bank import UnknownExpertError
 from lumoe_engine.seeding import stable_seed
 
 GATE_FORMAT = "lumoe-gate"
-GATE_FORMAT_VERSION = 4  # 4: names as text; 3: names as token ids (refused unless names are given: GateFormatError);
+GATE_FORMAT_VERSION = 5  # 5: the recognition channel's flag; 4: names as text; 3: names as token ids (refused unless names are given: GateFormatError);
 #                            2: prototypes + similarity bounds; versions 1-2 load without them (and without names)
 GATE_JSON = "gate.json"
 
@@ -361,7 +361,8 @@ class Gate:
                  bound_dim: Optional[int] = 128, image_dim: int = 0, image_token_id: Optional[int] = None,
                  image_bound_dim: Optional[int] = 128, n_image_protos: int = 16, image_floor: float = 0.9,
                  image_similarity: float = 0.95, image_candidates: int = 4, text_by_name: bool = True,
-                 image_slack: float = 1.0, name_fuzzy_chars: int = 6, name_max_edits: int = 1):
+                 image_slack: float = 1.0, name_fuzzy_chars: int = 6, name_max_edits: int = 1,
+                 recognition: bool = False):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer={layer!r}: expected an int >= 0 (a decoder layer index)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -410,6 +411,7 @@ class Gate:
             float(image_similarity)
         self.image_candidates = image_candidates
         self.text_by_name = bool(text_by_name)
+        self.recognition = bool(recognition)
         if not float(image_slack) > 0:
             raise ValueError(f"image_slack={image_slack!r}: expected > 0 (1: the weakest neighbour's distance)")
         self.image_slack = float(image_slack)
@@ -1148,7 +1150,8 @@ class Gate:
         return out.scatter_reduce_(1, owner, s, reduce="amax")  # an expert's score: its best sub-head
 
     def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
-              texts: Optional[Sequence[str]] = None, has_image=None) -> tuple[torch.Tensor, torch.Tensor]:
+              texts: Optional[Sequence[str]] = None, has_image=None,
+              identities: Optional[Sequence[Optional[str]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts each query goes to: the ``top_k`` highest calibrated logits that fire, else -1.
 
         ``ops.topk_routing(scores, top_k, scoring="sigmoid", threshold=0.5)``; with ``renormalize`` (default) the
@@ -1159,6 +1162,10 @@ class Gate:
         it: no chat template, no image tokens), a row whose text names an expert's entity (``names``) goes to the
         named expert(s) instead, in order of first mention, weights equal, at most ``top_k``; ``has_image`` ([B]
         bools: which queries carry an image) tells ``text_by_name`` the text-only rows (module docstring).
+        With ``identities`` ([B]: the base's answer to the identity question about each query's picture, None for a
+        query without one: ``recognition.Recognizer``) and ``recognition`` on, a row with an answer is routed by
+        names alone: to the experts named by its prompt, then those named by the answer (first mention first, as
+        many as ``top_k``), else to none; its features are not scored.
         features: [B, D]        returns weights [B, top_k] fp32, ids [B, top_k] int32 (-1 = no expert)
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -1174,6 +1181,10 @@ class Gate:
         ids = torch.full((B, top_k), -1, dtype=torch.int32, device=x.device)
         if E == 0 or B == 0:
             return weights, ids
+        if identities is not None and self.recognition:
+            ident = self._check_identities(identities, B)
+            if any(t is not None for t in ident):
+                return self._route_recognised(x, top_k, renormalize, texts, has_image, ident, weights, ids)
         # rows with an image go to the image channel (module docstring); the heads score the others only
         has = self._image_rows(x) if self.img_mean is not None else None
         text_rows = None if has is None else (~has).nonzero().squeeze(1)
@@ -1213,6 +1224,36 @@ class Gate:
                 ids[r] = torch.tensor(hit_ids, dtype=ids.dtype).to(ids.device)
                 weights[r] = torch.tensor(hit_w, dtype=weights.dtype).to(weights.device)
         return weights, ids
+
+    def _route_recognised(self, x, top_k, renormalize, texts, has_image, ident, weights, ids):
+        """``route`` for a batch where some rows carry the base's identity answer: those rows by names alone, the
+        others by ``route`` as usual (one call on their rows)."""
+        rec = [b for b, t in enumerate(ident) if t is not None]
+        rest = [b for b, t in enumerate(ident) if t is None]
+        if rest:
+            sub = torch.tensor(rest, device=x.device)
+            w, i = self.route(x.index_select(0, sub), top_k, renormalize,
+                              texts=None if texts is None else [texts[b] for b in rest],
+                              has_image=None if has_image is None else has_image[sub.cpu()])
+            weights[sub], ids[sub] = w, i
+        said = self.name_hits([ident[b] for b in rec])
+        asked = self.name_hits([texts[b] for b in rec]) if texts is not None else [[] for _ in rec]
+        for b, a, s in zip(rec, asked, said):
+            h = list(dict.fromkeys(a + s))[:top_k]
+            if h:
+                ids[b, :len(h)] = torch.tensor(h, dtype=ids.dtype)
+                weights[b, :len(h)] = 1.0 / len(h) if renormalize else 1.0
+        return weights, ids
+
+    @staticmethod
+    def _check_identities(identities, B: int) -> list[Optional[str]]:
+        if isinstance(identities, str) or not isinstance(identities, (list, tuple)) or \
+                not all(t is None or isinstance(t, str) for t in identities):
+            raise ValueError(f"identities: expected a list of the base's identity answers (a string per query with "
+                             f"a picture, None without), got {type(identities).__name__}")
+        if len(identities) != B:
+            raise ValueError(f"identities: {len(identities)} answers for {B} queries; pass one per query")
+        return list(identities)
 
     @staticmethod
     def _check_texts(texts, B: Optional[int] = None) -> Optional[list[str]]:
@@ -1293,7 +1334,8 @@ class Gate:
                 "n_image_protos": self.n_image_protos, "image_floor": self.image_floor,
                 "image_similarity": self.image_similarity, "image_candidates": self.image_candidates,
                 "text_by_name": self.text_by_name, "image_slack": self.image_slack,
-                "name_fuzzy_chars": self.name_fuzzy_chars, "name_max_edits": self.name_max_edits}
+                "name_fuzzy_chars": self.name_fuzzy_chars, "name_max_edits": self.name_max_edits,
+                "recognition": self.recognition}
 
     def save(self, path) -> Path:
         """Write the gate into folder ``path``: ``gate-<sha>.safetensors`` (weight [H, F], bias [H], threshold [H],
@@ -1356,7 +1398,7 @@ class Gate:
             meta = json.loads(jpath.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{jpath}: not valid JSON ({exc})") from None
-        if meta.get("format") != GATE_FORMAT or meta.get("version") not in (1, 2, 3, GATE_FORMAT_VERSION):
+        if meta.get("format") != GATE_FORMAT or meta.get("version") not in (1, 2, 3, 4, GATE_FORMAT_VERSION):
             raise ValueError(f"{jpath}: format {meta.get('format')!r} v{meta.get('version')!r}, expected "
                              f"{GATE_FORMAT!r} v{GATE_FORMAT_VERSION}")
         tpath = folder / meta["tensors"]
