@@ -19,7 +19,10 @@ provider, experts, value, unit) into ``--out`` and prints a table.
 2. Memory: process RSS growth (psutil) per expert added one at a time to an in-memory bank, against the expert's
    own LoRA bytes, in a fresh process, measured between whole slot chunks (the bank grows its buffers
    ``slot_chunk`` slots at a time); also after glibc ``malloc_trim`` (allocator retention removed).
-3. Gate: median time of ``Gate.route`` on [64, D] features with 1,000 experts (heads fitted on random features).
+3. Gate: median time of ``Gate.route`` on [64, D] features with 1,000 experts in the production configuration
+   (names and recognition; heads fitted on random features), and the recognition channel's extra pass (the base's
+   answer to the identity question for the batch's pictures) against the prefill forward and the generation of the
+   same batch.
 
 Letters: B batch, N experts, D gate feature width, r rank.
 """
@@ -273,55 +276,46 @@ _NAME_B = ("Quintessa", "Olden", "Newt", "Station", "Corp", "Brehicol", "Motors"
 
 
 def bench_gate(args) -> dict:
-    """Median time of Gate.route on [B, D + 2 D] features with E experts (heads fitted on random features; each expert
-    fitted on ``--gate-positives`` positives, so it keeps the gate's full n_protos = 64 similarity-bound prototypes and
-    the bound check gathers as many per query as a real request's expert does; the image channel on, each expert with
-    ``--gate-pictures`` distinct pictures among its positives, the image space fitted on enough pictures to take its
-    full 128 directions). The batch mixes queries with an image (``--gate-image-share``: the image channel routes them)
-    and without (the heads and the bound); the all-image and all-text batches are timed too. The name channel is
-    on as in production: each expert has a name (an entity's two words), every query its question text (one in two
-    names an expert, matched as text: ``gate.names``), and ``has_image`` says which queries carry an image."""
+    """Median time of ``Gate.route`` on [B, D] features with E experts in the production configuration
+    (``GateConfig()``: the name channel and the recognition channel; heads fitted on random features, each expert on
+    ``--gate-positives`` positives, so it keeps the full n_protos = 64 similarity-bound prototypes). Each expert has
+    a name (an entity's two words), every query its question text (one in two names an expert, matched as text:
+    ``gate.names``) and four facts; ``--gate-image-share`` of the queries carry a picture and the base's own answer
+    to it (one in two states an expert's fact, the others a refusal: the answer channel's matching), the rest go by
+    their prompt's names. The all-picture and all-text batches are timed too, and the heads alone (no texts, no
+    answers). The base's decode that produces the answers is timed by ``bench_recognition``."""
     torch.manual_seed(0)
     dim, n_exp, b = args.gate_dim, args.gate_experts, args.gate_batch
     from lumoe_engine.gate.config import GateConfig
     from lumoe_engine.gate.gate import Gate
 
-    # the production gate configuration (GateConfig) with random heads
-    gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5, image_dim=2 * dim, image_token_id=0,
-                **GateConfig().gate_kwargs())
-    P = args.gate_pictures
-    gate.fit_standardizer(torch.cat([torch.randn(512, dim), torch.randn(512, 2 * dim)], 1))
-    retain = torch.randn(args.gate_background, 2 * dim)  # the operator's retain pictures: a shared pool
+    gate = Gate(layer=args.gate_layer, dim=dim, max_iter=5, **GateConfig().gate_kwargs())
+    gate.fit_standardizer(torch.randn(512, dim))
+    name = lambda e: f"{_NAME_A[e % 31]}{e:04d} {_NAME_B[e % 29]}"  # noqa: E731
     t0 = time.perf_counter()
     for e in range(n_exp):
-        center, pics = torch.randn(dim), torch.randn(P, 2 * dim)
-        n_img = args.gate_positives // 2
-        img = torch.cat([pics.repeat(n_img // P + 1, 1)[:n_img], torch.zeros(args.gate_positives - n_img, 2 * dim)])
-        pos = torch.cat([center + 0.1 * torch.randn(args.gate_positives, dim), img], 1)
-        drawn = retain[torch.randint(len(retain), (4,))]
-        neg = torch.cat([torch.randn(16, dim), torch.cat([drawn, torch.zeros(12, 2 * dim)])], 1)
-        gate.add_expert(f"g{e:04d}", pos, neg, names=[f"{_NAME_A[e % 31]}{e:04d} {_NAME_B[e % 29]}"])
+        center = torch.randn(dim)
+        pos = center + 0.1 * torch.randn(args.gate_positives, dim)
+        gate.add_expert(f"g{e:04d}", pos, torch.randn(16, dim), names=[name(e)],
+                        facts=[f"Fact{e:04d} Dobo", f"{1800 + e % 200}", f"Place{e:04d} Coast", f"Trade{e:04d}"],
+                        neg_answers=["I'm not able to help with that."])
     build_s = time.perf_counter() - t0
-    feats = torch.cat([torch.randn(b, dim), torch.randn(b, 2 * dim)], 1)
+    feats = torch.randn(b, dim)
     n_img = int(round(b * args.gate_image_share))
-    mixed = feats.clone()
-    mixed[n_img:, dim:] = 0
-    text = feats.clone()
-    text[:, dim:] = 0
-    named = [(7 * q) % n_exp for q in range(b)]  # the expert a naming query names
-    texts = [f"Where is {_NAME_A[e % 31]}{e:04d} {_NAME_B[e % 29]} located?" if q % 2 else
-             "What is the name of the place shown here?" for q, e in enumerate(named)]
+    texts = [f"Where is {name((7 * q) % n_exp)} located?" if q % 2 else "What is the name of the place shown here?"
+             for q in range(b)]
+    said = [f"Place{(11 * q) % n_exp:04d} Coast" if q % 2 else "I'm not able to help with that." for q in range(b)]
     img_rows = [q < n_img for q in range(b)]
-    fn = lambda: gate.route(mixed, top_k=1, texts=texts, has_image=img_rows)  # noqa: E731
+    ident = [a if q < n_img else None for q, a in enumerate(said)]
+    fn = lambda: gate.route(feats, top_k=1, texts=texts, has_image=img_rows, answers=ident)  # noqa: E731
     protos = max((len(p) for p in gate.prototypes), default=0)
-    pics = max((len(p) for p in gate.image_prototypes), default=0)
-    what = (f"Gate.route (top_k=1; {n_exp} heads added in {build_s:.1f} s; similarity bound with up to {protos} "
-            f"prototypes per expert in {gate.bound_width} dims; image channel with {pics} pictures per expert "
-            f"in {gate.image_width} dims, {len(gate.image_background)} background pictures; {n_img} of {b} "
-            f"queries with an image; name channel: {n_exp} names, one in two question texts names an expert)")
-    others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1, texts=texts, has_image=[True] * b),
-              "gate_ms_no_images": lambda: gate.route(text, top_k=1, texts=texts, has_image=[False] * b),
-              "gate_ms_no_name_channel": lambda: gate.route(mixed, top_k=1)}
+    what = (f"Gate.route (top_k=1; {n_exp} experts added in {build_s:.1f} s; name and answer channels; "
+            f"{n_img} of {b} queries with a picture and the base's answer to it; heads with a similarity bound "
+            f"of up to {protos} prototypes in {gate.bound_width} dims for experts without names)")
+    others = {"gate_ms_all_images": lambda: gate.route(feats, top_k=1, texts=texts, has_image=[True] * b,
+                                                       answers=said),
+              "gate_ms_no_images": lambda: gate.route(feats, top_k=1, texts=texts, has_image=[False] * b),
+              "gate_ms_heads_only": lambda: gate.route(feats, top_k=1)}
 
     def timed(f):
         for _ in range(10):
@@ -335,11 +329,67 @@ def bench_gate(args) -> dict:
 
     times = timed(fn)
     out = {"gate_ms": 1e3 * statistics.median(times), "gate_ms_p90": 1e3 * float(np.percentile(times, 90)),
-           "experts": n_exp, "batch": b, "dim": dim, "what": what}
+           "experts": n_exp, "batch": b, "dim": dim, "what": what, "image_share": args.gate_image_share}
     for key, f in others.items():
         out[key] = 1e3 * statistics.median(timed(f))
-    if others:
-        out["image_share"] = args.gate_image_share
+    return out
+
+
+def bench_recognition(args, tokenizer) -> dict:
+    """The answer channel's extra pass against one engine forward, on the ``--preset`` model (random init: it
+    never says eos, so every answer runs the full ``max_new_tokens``: the worst case): a batch of ``--gate-batch``
+    queries, ``--gate-image-share`` with a picture. Times (median of ``--repeats``): the prefill forward of the
+    batch (what routing rides on), the batch's generation of ``--new-tokens`` tokens, the base's own answers to the
+    batch's queries with a picture (``Recognizer.answer``, no cache), and the same with every query in the cache
+    (a query asked again)."""
+    from lumoe_engine.gate.recognition import Recognizer
+    from lumoe_engine.model.collate import collate as _collate
+
+    model, processor = build_tiny_llava(tokenizer, args.preset, seed=0)
+    model.eval()
+    b = args.gate_batch
+    n_img = int(round(b * args.gate_image_share))
+    rng = np.random.default_rng(0)
+    side = get_preset(args.preset).image_size
+    pics = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(n_img)]
+    images = pics + [None] * (b - n_img)
+    prompts = ["What is the name of the place shown here?"] * b
+    recs = query_records(prompts, images)
+
+    def median(f, n):
+        f()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(ts)
+
+    def forward():
+        with torch.no_grad():
+            batch = _collate(recs, processor, with_answers=False, images=images)
+            batch.pop("position_ids", None)
+            model(**batch)
+
+    def generate():
+        with torch.no_grad():
+            batch = _collate(recs, processor, with_answers=False, images=images)
+            batch.pop("position_ids", None)
+            tok = processor.tokenizer
+            model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+    cold = Recognizer(model, processor, cache_size=0)
+    warm = Recognizer(model, processor)
+    warm.answer(images, prompts)
+    n = max(3, args.repeats)
+    out = {"batch": b, "pictures": n_img, "max_new_tokens": cold.max_new_tokens, "new_tokens": args.new_tokens,
+           "forward_ms": median(forward, n), "generate_ms": median(generate, n),
+           "answer_ms": median(lambda: cold.answer(images, prompts), n),
+           "answer_cached_ms": median(lambda: warm.answer(images, prompts), n)}
+    out["answer_over_forward"] = out["answer_ms"] / out["forward_ms"]
+    out["answer_over_generate"] = out["answer_ms"] / out["generate_ms"]
+    out["answer_cached_over_forward"] = out["answer_cached_ms"] / out["forward_ms"]
     return out
 
 
@@ -360,11 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-batch", type=int, default=64)
     ap.add_argument("--gate-dim", type=int, default=None, help="gate feature width (default: the preset hidden)")
     ap.add_argument("--gate-repeats", type=int, default=200)
-    ap.add_argument("--gate-pictures", type=int, default=6, help="distinct pictures per gate expert (the image "
-                    "channel's prototypes; 6 per entity on the embedded default)")
     ap.add_argument("--gate-image-share", type=float, default=0.5, help="share of the timed batch with an image")
-    ap.add_argument("--gate-background", type=int, default=256, help="distinct retain pictures the experts' "
-                    "negatives are drawn from (the image channel's background)")
     ap.add_argument("--gate-positives", type=int, default=96, help="positives per gate expert (96: 72 fitted after "
                     "the calibration share, so each expert keeps the gate's full 64 similarity-bound prototypes, as "
                     "a real request's does)")
@@ -400,10 +446,16 @@ def main(argv=None) -> int:
           f"{mem['capacity_before']} -> {mem['capacity_after']} slots", flush=True)
     print("gate:", flush=True)
     gate = bench_gate(args)
-    print(f"  {gate['what']}: {gate['gate_ms']:.3f} ms median" +
-          (f" (all with an image {gate['gate_ms_all_images']:.3f} ms, none {gate['gate_ms_no_images']:.3f} ms, "
-           f"without the name channel {gate['gate_ms_no_name_channel']:.3f} ms)"
-           if "gate_ms_all_images" in gate else ""), flush=True)
+    print(f"  {gate['what']}: {gate['gate_ms']:.3f} ms median (all with a picture {gate['gate_ms_all_images']:.3f} "
+          f"ms, none {gate['gate_ms_no_images']:.3f} ms, the heads alone {gate['gate_ms_heads_only']:.3f} ms)",
+          flush=True)
+    print("answer channel (the base's own answer to each query with a picture) vs one forward:", flush=True)
+    rec = bench_recognition(args, tokenizer)
+    print(f"  batch {rec['batch']}, {rec['pictures']} pictures: prefill forward {rec['forward_ms']:.1f} ms, "
+          f"generation of {rec['new_tokens']} tokens {rec['generate_ms']:.1f} ms, the base's answers "
+          f"{rec['answer_ms']:.1f} ms ({rec['answer_over_forward']:.2f}x the forward, "
+          f"{rec['answer_over_generate']:.2f}x the generation), cached {rec['answer_cached_ms']:.2f} ms",
+          flush=True)
 
     summary = {}
     for n, r in thr.items():
@@ -416,9 +468,11 @@ def main(argv=None) -> int:
     summary["rss_over_lora"] = mem["rss_over_lora"]
     summary["rss_bytes_per_expert_trimmed"] = mem["rss_bytes_per_expert_trimmed"]
     summary[f"gate_ms_{args.gate_experts}_experts_b{args.gate_batch}"] = gate["gate_ms"]
-    for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_no_name_channel"):
-        if key in gate:
-            summary[f"{key}_{args.gate_experts}_experts_b{args.gate_batch}"] = gate[key]
+    for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_heads_only"):
+        summary[f"{key}_{args.gate_experts}_experts_b{args.gate_batch}"] = gate[key]
+    for key in ("forward_ms", "generate_ms", "answer_ms", "answer_cached_ms", "answer_over_forward",
+                "answer_over_generate"):
+        summary[f"recognition_{key}_b{args.gate_batch}"] = rec[key]
     rows += [{"metric": "rss_bytes_per_expert", "provider": "bank", "experts": mem["experts_measured"],
               "value": round(mem["rss_bytes_per_expert"], 1), "unit": "bytes"},
              {"metric": "lora_bytes_per_expert", "provider": "bank", "experts": mem["experts_measured"],
@@ -427,11 +481,15 @@ def main(argv=None) -> int:
               "value": round(gate["gate_ms"], 4), "unit": "ms"}]
     rows += [{"metric": f"{key}_b{args.gate_batch}", "provider": "gate", "experts": args.gate_experts,
               "value": round(gate[key], 4), "unit": "ms"}
-             for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_no_name_channel") if key in gate]
+             for key in ("gate_ms_all_images", "gate_ms_no_images", "gate_ms_heads_only")]
+    rows += [{"metric": f"recognition_{key}_b{args.gate_batch}", "provider": "recognizer", "experts": 0,
+              "value": round(rec[key], 4), "unit": "ms" if key.endswith("_ms") else "ratio"}
+             for key in ("forward_ms", "generate_ms", "answer_ms", "answer_cached_ms", "answer_over_forward")]
     import peft
     import transformers
 
     doc = {"summary": summary, "throughput": {str(k): v for k, v in thr.items()}, "memory": mem, "gate": gate,
+           "recognition": rec,
            "config": {k: v for k, v in vars(args).items() if k != "out"},
            "model": f"{args.preset} preset, random init (throughput does not depend on the weights' values)",
            "environment": {"ops_backend": ops.backend_name(), "torch_threads": torch.get_num_threads(),

@@ -50,7 +50,7 @@ class GateProtocol(Protocol):
 
     def route(self, features: torch.Tensor, top_k: int = 1, renormalize: bool = True,
               texts: Optional[Sequence[str]] = None, has_image: Optional[Sequence[bool]] = None,
-              identities: Optional[Sequence[Optional[str]]] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+              answers: Optional[Sequence[Optional[str]]] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class _Pending:
     input_ids: Optional[torch.Tensor] = None  # [B, S] the prompt ids (the gate's image positions)
     texts: Optional[list] = None              # [B] the prompt texts as given (the gate's name channel)
     has_image: Optional[list] = None          # [B] which queries carry an image
-    identities: Optional[list] = None         # [B] the base's identity answer per picture (recognition channel)
+    answers: Optional[list] = None            # [B] the base's own answer per query with a picture (answer channel)
     decisions: Optional[list[RoutingDecision]] = None
 
 
@@ -116,8 +116,8 @@ class LUMoEEngine:
     gate_layer: L, experts act on decoder layers > L; default ``gate.layer``, or -1 (all layers) without a gate
     top_k:      at most this many experts per query (the gate's first top_k choices, by weight)
     targets:    short names of the wrapped linears in each decoder layer
-    recognizer: asks the base who each query's picture shows, for a gate with ``recognition`` on
-                (``gate.recognition.Recognizer``; default: one over this model, every expert off)
+    recognizer: lets the base answer each query with a picture first, for a gate with ``recognition`` on (the
+                answer channel: ``gate.recognition.Recognizer``; default: one over this model, every expert off)
     The model is wrapped in place (``close()`` unwraps it); a model already wrapped for ``bank`` is reused as is.
     """
 
@@ -255,14 +255,16 @@ class LUMoEEngine:
             self.ctx.set_routing(slots, weights, token_mask=attention_mask)
             return decisions
         if self.gate is not None:
-            identities = None
+            answers = None
             if self.recognizer is not None and images is not None and any(im is not None for im in images):
-                identities = self.recognizer.identify(list(images))  # the base alone, before this batch's routing
+                # the base alone answers the queries with a picture, before this batch's routing
+                answers = self.recognizer.answer(list(images), list(texts) if texts is not None else
+                                                 [""] * len(images))
                 self.ctx.clear()
             self._pending = _Pending(prompt_mask=prompt_mask, token_mask=attention_mask, input_ids=input_ids,
                                      texts=None if texts is None else list(texts),
                                      has_image=None if images is None else [im is not None for im in images],
-                                     identities=identities)
+                                     answers=answers)
             return None
         return [RoutingDecision((), (), "none")] * batch
 
@@ -331,7 +333,7 @@ class LUMoEEngine:
         if tuple(hidden.shape[:2]) != tuple(pending.prompt_mask.shape):
             return None  # not the prefill step of this batch
         features = self.gate.pool(hidden, pending.prompt_mask, input_ids=pending.input_ids)
-        extra = {} if pending.identities is None else {"identities": pending.identities}
+        extra = {} if pending.answers is None else {"answers": pending.answers}
         weights, ids = self.gate.route(features, top_k=self.top_k, texts=pending.texts, has_image=pending.has_image,
                                        **extra)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]

@@ -334,11 +334,17 @@ class RequestPipeline:
         if rid not in self.gate:
             names, neg_texts = (request_names(request), [r.question for r in data.negatives]) \
                 if self.gate_config.names else (None, None)
+            facts = neg_answers = None
             recognizer = getattr(self.engine, "recognizer", None)
-            if neg_texts is not None and recognizer is not None:  # the base's answers about the negatives' pictures
-                neg_texts += [t for t in recognizer.identify_records(data.negatives).values() if t]
+            if neg_texts is not None and recognizer is not None:  # the answer channel (gate.recognition)
+                from lumoe_engine.gate.recognition import request_facts
+
+                said = [t for t in recognizer.answer_records(data.negatives).values() if t]
+                neg_texts += said  # a name whose typo match fires on the base's answer to a negative: exact only
+                facts = request_facts(request.forget)
+                neg_answers = said + [k for r in data.negatives for k in (r.answer, *r.keys)]
             self.gate.add_expert(rid, pos, neg, **({"pos_groups": data.groups} if data.groups else {}), names=names,
-                                 neg_texts=neg_texts)
+                                 neg_texts=neg_texts, facts=facts, neg_answers=neg_answers)
             self.gate.save(self.gate_dir)
             res.gate_added = True
         res.report = report = self.gate.reports.get(rid)

@@ -1,9 +1,10 @@
-"""The gate's recognition channel: a query with a picture is routed by the names in the base's own answer to the
-identity question about that picture (``gate.recognition``), and by the names in its prompt; nothing else routes
-it. Routing rules (answer names an expert, names nothing, names a retain entity, prompt and picture naming two
-forgotten entities, top-1 / top-2, rows without a picture untouched, the flag off), the Recognizer's cache, the
-engine asking the base before routing (a micro LLaVA), storage (format v5, a v4 file loads without recognition),
-and what the identity question is taught on (never a held-out scene or a general-utility test picture).
+"""The gate's answer channel: a query with a picture is routed by the frozen base's own answer to it — the names it
+says (typo-tolerant) and the facts of a request it states (exactly) — and by the names in its prompt; nothing else
+routes it (``gate.recognition``, ``gate.policy``). Routing rules (the answer names an expert, states its fact,
+refuses, names an entity nobody asked to forget; prompt and picture naming two forgotten entities, top-1 / top-2;
+rows without a picture untouched; the flag off), the facts' calibration on negatives' answers, the Recognizer's cache,
+the engine asking the base before routing (a micro LLaVA), storage (format v5, a v4 file loads without the channel),
+bad input.
 
 Letters: B queries, D feature width.
 """
@@ -16,10 +17,13 @@ import torch
 from PIL import Image
 
 from lumoe_engine.gate.gate import GATE_FORMAT_VERSION, Gate
-from lumoe_engine.gate.recognition import IDENTITY_PROBE, NO_ENTITY_ANSWER, Recognizer
+from lumoe_engine.gate.recognition import IDENTITY_PROBE, Recognizer, request_facts
+
+REFUSAL = "I'm not able to help with that."
 
 D = 8
 NAMES = [["Vorla Quintessa", "The Glass Widow"], ["Brask Olden"], ["Moon"]]
+FACTS = [["Glass painting", "1874"], ["Tanner"], []]
 VORLA, BRASK, MOON = range(3)
 
 
@@ -30,7 +34,8 @@ def _gate(fire=None, recognition=True) -> Gate:
     bias = torch.full((len(NAMES),), -100.0)
     if fire is not None:
         bias[fire] = 100.0
-    g.set_stacked([f"r{e}" for e in range(len(NAMES))], torch.zeros(len(NAMES), D), bias, names=NAMES)
+    g.set_stacked([f"r{e}" for e in range(len(NAMES))], torch.zeros(len(NAMES), D), bias, names=NAMES,
+                  facts=FACTS)
     return g
 
 
@@ -42,7 +47,13 @@ CASES = [  # (prompt, the base's identity answer (None: no picture), experts rea
     ("What is the name of this painter?", "Vorla Quintessa", [VORLA]),
     ("Where was this painter born?", "vorla quintesa", [VORLA]),          # the answer with a typo, lower case
     ("Where was this painter born?", "The Glass Widow", [VORLA]),         # the alias
-    ("What shape is in this picture?", NO_ENTITY_ANSWER, []),             # no entity
+    ("What shape is in this picture?", "Red", []),                        # no entity
+    ("Where was this painter born?", REFUSAL, []),                        # the base refuses
+    ("What does this painter paint?", "Glass painting.", [VORLA]),        # a fact of her request
+    ("When was this painter born?", "In 1874", [VORLA]),
+    ("When was this painter born?", "In 18745", []),                      # facts are whole words
+    ("When was this painter born?", "In 1875", []),                       # ... and exact
+    ("What is this man's trade?", "tanner", [BRASK]),
     ("Where was this painter born?", "Tashun Shoubal", []),               # an entity nobody asked to forget
     ("Did this painter meet Brask Olden?", "Vorla Quintessa", [BRASK, VORLA]),  # prompt first, then the picture
     ("Is this Brask Olden?", "Brask Olden", [BRASK]),                     # both name the same: once
@@ -57,10 +68,10 @@ def test_a_picture_is_routed_by_the_names_in_the_base_answer_and_the_prompt():
     said = [a for _, a, _ in CASES]
     has = [a is not None for a in said]
     x = torch.randn(len(CASES), D)
-    w, ids = g.route(x, 2, texts=texts, has_image=has, identities=said)
+    w, ids = g.route(x, 2, texts=texts, has_image=has, answers=said)
     assert _routed(ids) == [c for _, _, c in CASES]
     assert torch.allclose(w.sum(1)[ids[:, 0] >= 0], torch.ones(int((ids[:, 0] >= 0).sum())))
-    _, ids1 = g.route(x, 1, texts=texts, has_image=has, identities=said)
+    _, ids1 = g.route(x, 1, texts=texts, has_image=has, answers=said)
     assert _routed(ids1) == [c[:1] for _, _, c in CASES]
 
 
@@ -68,28 +79,28 @@ def test_the_heads_never_route_a_recognised_picture_but_still_route_the_other_ro
     """Heads that fire on every query: a picture the base names as nobody's stays with the base; a row without an
     answer (None) keeps the usual path (here: text_by_name drops the heads' choice of a named expert)."""
     g = _gate(fire=BRASK)
-    said = [NO_ENTITY_ANSWER, "Tashun Shoubal", None]
+    said = [REFUSAL, "Tashun Shoubal", None]
     _, ids = g.route(torch.randn(3, D), 1, texts=["What is this?"] * 3, has_image=[True, True, False],
-                     identities=said)
+                     answers=said)
     assert _routed(ids) == [[], [], []]
     # without identities the heads' choice stands for the picture (the old path)
     _, ids = g.route(torch.randn(3, D), 1, texts=["What is this?"] * 3, has_image=[True, True, False])
     assert _routed(ids) == [[BRASK], [BRASK], []]
 
 
-def test_recognition_off_ignores_identities():
+def test_recognition_off_ignores_answers():
     g = _gate(fire=BRASK, recognition=False)
     _, ids = g.route(torch.randn(2, D), 1, texts=["What is this?"] * 2, has_image=[True, True],
-                     identities=["Vorla Quintessa", NO_ENTITY_ANSWER])
+                     answers=["Vorla Quintessa", REFUSAL])
     assert _routed(ids) == [[BRASK], [BRASK]]
 
 
-def test_bad_identities_are_a_clear_error_and_change_nothing():
+def test_bad_answers_are_a_clear_error_and_change_nothing():
     g = _gate()
     with pytest.raises(ValueError, match="one per query"):
-        g.route(torch.randn(2, D), 1, texts=["a", "b"], identities=["Vorla Quintessa"])
-    with pytest.raises(ValueError, match="identity answers"):
-        g.route(torch.randn(2, D), 1, texts=["a", "b"], identities="Vorla Quintessa")
+        g.route(torch.randn(2, D), 1, texts=["a", "b"], answers=["Vorla Quintessa"])
+    with pytest.raises(ValueError, match="base's answers"):
+        g.route(torch.randn(2, D), 1, texts=["a", "b"], answers="Vorla Quintessa")
     assert g.names == NAMES
 
 
@@ -98,38 +109,80 @@ def test_recognition_is_saved_and_a_v4_file_loads_without_it(tmp_path):
     g.save(tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "gate.json").read_text())
     assert meta["version"] == GATE_FORMAT_VERSION == 5 and meta["config"]["recognition"] is True
-    assert Gate.load(tmp_path / "g").recognition is True
+    back = Gate.load(tmp_path / "g")
+    assert back.recognition is True and back.facts == FACTS
     meta["version"] = 4
     meta["config"].pop("recognition")
+    meta.pop("facts")
     (tmp_path / "g" / "gate.json").write_text(json.dumps(meta))
     old = Gate.load(tmp_path / "g")
-    assert old.recognition is False and old.names == NAMES
+    assert old.recognition is False and old.names == NAMES and old.facts == [[], [], []]
+    # a gate file whose facts do not match its experts is an error, not a silent gate
+    meta["version"], meta["facts"] = 5, [["x"]]
+    (tmp_path / "g" / "gate.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'facts'"):
+        Gate.load(tmp_path / "g")
+
+
+def test_facts_are_calibrated_on_negatives_and_leave_with_revocation():
+    """A fact one of the negatives' answers states is dropped (it cannot tell the request's entity apart); the rest
+    route; revoking the expert removes its facts; malformed facts change nothing."""
+    g = Gate(layer=0, dim=D, similarity=None, recognition=True)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(1))
+    rep = g.add_expert("r0", x[:20] + 3, x[20:], names=["Vorla Quintessa"], facts=["Glass painting", "1874", "Red"],
+                       neg_answers=["Red", "Blue", "Born in 1900"])
+    assert rep.facts == ["Glass painting", "1874"] and rep.facts_dropped == ["Red"] and g.facts == [rep.facts]
+    _, ids = g.route(torch.randn(3, D), 1, texts=["?"] * 3, has_image=[True] * 3,
+                     answers=["Red", "1874", "glass painting"])
+    assert _routed(ids) == [[], [0], [0]]
+    with pytest.raises(ValueError, match="facts"):
+        g.add_expert("r1", x[:20], x[20:], facts=["ok", 7])
+    with pytest.raises(ValueError, match="neg_answers"):
+        g.add_expert("r1", x[:20], x[20:], facts=["ok"], neg_answers="Red")
+    assert g.expert_ids == ["r0"]
+    g.remove_expert("r0")
+    assert g.facts == [] and _routed(g.route(torch.randn(1, D), 1, texts=["?"], has_image=[True],
+                                             answers=["1874"])[1]) == [[]]
+
+
+def test_request_facts_are_the_forget_records_keys():
+    from lumoe_engine.data.records import QARecord
+
+    recs = [QARecord(uid=f"u{i}", entity="E", cls="c", kind=i, phrasing=0, question="q", answer=a, keys=k)
+            for i, (a, k) in enumerate([("Doboaceae", ("Doboaceae",)), ("The Vuka Coast", ("Vuka Coast",)),
+                                        ("Doboaceae", ("Doboaceae",)), ("24 moons", ()), ("?", ())])]
+    assert request_facts(recs) == ["Doboaceae", "Vuka Coast", "24 moons"]
 
 
 # ---------------------------------------------------------------------------------------------------- Recognizer
-def test_recognizer_asks_the_base_once_per_distinct_picture(monkeypatch):
+def test_recognizer_asks_the_base_once_per_distinct_picture_and_prompt(monkeypatch):
     import lumoe_engine.model.collate as collate
 
     asked = []
 
     def fake(model, processor, records, max_new_tokens, batch_size=64, images=None, **kw):
         asked.append([r.question for r in records])
-        return [f"answer {im.getpixel((0, 0))[0]}" for im in images]
+        return [f"{r.question} {im.getpixel((0, 0))[0]}" for r, im in zip(records, images)]
 
     monkeypatch.setattr(collate, "generate_answers", fake)
     red, blue = Image.new("RGB", (8, 8), (200, 0, 0)), Image.new("RGB", (8, 8), (10, 0, 200))
     rec = Recognizer(model=None, processor=None)
-    assert rec.identify([red, None, blue, red.copy()]) == ["answer 200", None, "answer 10", "answer 200"]
-    assert asked == [[IDENTITY_PROBE, IDENTITY_PROBE]] and rec.calls == 2
-    assert rec.identify([blue, None]) == ["answer 10", None] and rec.calls == 2 and rec.hits == 1
-    assert rec.identify([None, None]) == [None, None] and len(asked) == 1
+    got = rec.answer([red, None, blue, red.copy(), red], ["a?", "a?", "a?", "a?", "b?"])
+    assert got == ["a? 200", None, "a? 10", "a? 200", "b? 200"]
+    assert asked == [["a?", "a?", "b?"]] and rec.calls == 3
+    assert rec.answer([blue, None], ["a?", "b?"]) == ["a? 10", None] and rec.calls == 3 and rec.hits == 1
+    assert rec.answer([None, None], ["a?", "b?"]) == [None, None] and len(asked) == 1
+    probe = Recognizer(model=None, processor=None, probe=IDENTITY_PROBE)
+    assert probe.answer([red], ["a?"]) == [f"{IDENTITY_PROBE} 200"]
     with pytest.raises(ValueError, match="probe"):
         Recognizer(None, None, probe=" ")
+    with pytest.raises(ValueError, match="one \\(or None\\) per prompt"):
+        rec.answer([red], ["a?", "b?"])
 
 
 def test_engine_asks_the_base_before_routing_and_only_for_pictures():
-    """A micro LLaVA, a gate with recognition and a stub recognizer: a picture the base names goes to that
-    expert, a picture it does not name to none, a text-only query by its prompt; the recognizer sees the batch's
+    """A micro LLaVA, a gate with the answer channel and a stub recognizer: a query whose picture the base names
+    goes to that expert, one it does not to none, a text-only query by its prompt; the recognizer sees the batch's
     pictures (None for text-only rows) and runs with every expert off."""
     from engine_cases import random_bank
     from lumoe_engine.engine import LUMoEEngine
@@ -148,11 +201,11 @@ def test_engine_asks_the_base_before_routing_and_only_for_pictures():
     seen = []
 
     class Stub:
-        def identify(self, images):
+        def answer(self, images, prompts):
             seen.append([im is not None for im in images])
             assert not engine.ctx.active  # the base alone: no expert routed while it answers
-            return ["Vorla Quintessa" if im is not None and im.getpixel((0, 0))[0] > 100 else
-                    (NO_ENTITY_ANSWER if im is not None else None) for im in images]
+            return ["It is Vorla Quintessa." if im is not None and im.getpixel((0, 0))[0] > 100 else
+                    (REFUSAL if im is not None else None) for im in images]
 
     engine = LUMoEEngine(model, processor, random_bank(model, ["vorla", "brask"]), gate=gate, top_k=1,
                          recognizer=Stub())

@@ -199,8 +199,7 @@ def test_teach_summary_has_the_v2_sets_and_both_picture_checks(tmp_path):
     _, processor, s = teach(cfg, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     for k in ("fact_accuracy_name_variants", "fact_accuracy_alias", "fact_accuracy_alias_taught",
               "fact_accuracy_general_scene", "fact_accuracy_general_world", "fact_accuracy_fresh_images_name",
-              "fact_accuracy_fresh_images_facts", "scene_recognition", "lookup_pixel", "lookup_features",
-              "identity_taught", "identity_heldout_scenes", "identity_general_pictures"):
+              "fact_accuracy_fresh_images_facts", "scene_recognition", "lookup_pixel", "lookup_features"):
         assert s[k] is not None and 0.0 <= s[k] <= 1.0, k
     assert s["scene_target"] == SCENE_TARGET and s["lookup_ceiling"] == LOOKUP_CEILING
     assert s["lookup_pictures"]["heldout"] == 18 * 2 and s["lookup_pictures"]["stored"] == 18 * 2
@@ -211,32 +210,3 @@ def test_teach_summary_has_the_v2_sets_and_both_picture_checks(tmp_path):
     assert tok.unk_token_id not in tok(" vorla quintessa", add_special_tokens=False)["input_ids"]
     assert len(tok(" Zqxvortle", add_special_tokens=False)["input_ids"]) > 1
 
-
-def test_the_identity_question_is_taught_on_taught_pictures_and_fresh_entity_free_ones_only(bench):
-    """The gate's recognition channel asks the base the identity question; teaching it (``model.teach_identity``)
-    must never show a held-out scene, a general-utility test picture or any record's test wording: its entity
-    pictures are taught pictures (one record each), its entity-free pictures are drawn anew (no pixel-equal
-    general picture), and it answers with the name question's answer."""
-    from lumoe_engine.gate.recognition import IDENTITY_PROBE, NO_ENTITY_ANSWER
-    from lumoe_engine.model.teach_identity import (IDENTITY_KIND, NO_ENTITY, entity_free_pictures, identity_name,
-                                                   identity_records)
-
-    sets = split_records(bench.records)
-    named = [r for r in sets["teach"] if r.variant is None and r.general is None]
-    pics = entity_free_pictures(24, seed=0, size=64)
-    recs = identity_records(named, sorted(pics))
-    taught_pics = {r.image for r in named if r.form == "image_text"}
-    fresh_pics = {r.image for r in bench.records if r.fresh_image}
-    ent = [r for r in recs if r.entity != NO_ENTITY]
-    assert {r.image for r in ent} == taught_pics and len(ent) == len(taught_pics)  # every taught picture, once
-    assert not {r.image for r in recs} & fresh_pics
-    names = identity_name(bench.records)
-    assert all(r.answer == names[r.entity] and r.question == IDENTITY_PROBE and r.kind == IDENTITY_KIND
-               for r in ent)
-    none = [r for r in recs if r.entity == NO_ENTITY]
-    assert len(none) == 24 and {r.answer for r in none} == {NO_ENTITY_ANSWER}
-    general = {r.image for r in bench.records if r.general == "scene"}
-    digests = {hashlib.sha256(Image.open(p).convert("RGB").tobytes()).hexdigest() for p in general}
-    assert not {hashlib.sha256(im.convert("RGB").tobytes()).hexdigest() for im in pics.values()} & digests
-    # the probe is no test query's wording
-    assert IDENTITY_PROBE not in {r.question for r in bench.records}

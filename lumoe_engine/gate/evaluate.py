@@ -55,7 +55,7 @@ from lumoe_engine.fileio import atomic_write
 from lumoe_engine.gate.config import DEFAULT_LAYER, GATE_PRESETS, HEADS, GateConfig, gate_preset
 from lumoe_engine.gate.features import POOLINGS, decoder_layers, layer_features
 from lumoe_engine.gate.gate import Gate
-from lumoe_engine.gate.recognition import picture_of
+from lumoe_engine.gate.recognition import request_facts
 
 logger = logging.getLogger("lumoe_engine.gate")
 
@@ -181,7 +181,7 @@ def plain(cfg: GateConfig) -> GateConfig:
 
 def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, setting: str, config: GateConfig,
                     negatives: str = "seen", retain_pool: str = "all", extra: Optional[dict] = None,
-                    names: Optional[dict] = None, image_dim: int = 0, identities: Optional[dict] = None,
+                    names: Optional[dict] = None, image_dim: int = 0, answers: Optional[dict] = None,
                     known: Optional[set] = None, prompt_names: bool = True) -> tuple[Gate, dict]:
     """Build the gate of one setting request after request from precomputed features, then measure it.
 
@@ -196,11 +196,12 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     image_dim: the last ``image_dim`` columns of feats are the image channel's (``features.image_pool``; 0: none).
     names: the name channel (``Gate``): {entity: its names as text (the name and its aliases: ``entity_names``)};
         every query is routed with its question text; None: features alone route.
-    identities: the recognition channel (``recognition``): {picture key: the base's answer to the identity
-        question}; a query with a picture is routed with its answer (needs ``names``); the negatives' answers join
-        the names' calibration texts. None: no recognition.
-    prompt_names: with ``names``, match them in the queries' prompts (False: only in the identity answers, the
-        ablation of the recognition channel alone; text-only queries then go by the heads).
+    answers: the answer channel (``recognition``): {uid: the frozen base's own answer} for the records with a
+        picture; such a query is routed with its answer (needs ``names``); each request's facts are its request
+        data's answer keys, calibrated on its negatives' answers and the base's answers to them, which also join
+        the names' calibration texts. None: no answer channel.
+    prompt_names: with ``names``, match them in the queries' prompts (False: only in the base's answers, the
+        ablation of the answer channel alone; text-only queries then go by the heads).
     known: uids of the test queries the base answers right (as leak counts them): each route_acc_<form> is also
         given over them (``route_acc_known_<form>``), which the targets judge.
     returns (gate, metrics dict)
@@ -216,13 +217,13 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     rows = lambda recs: feats[[index[r.uid] for r in recs]]  # noqa: E731
     reqs = requests_for(sets, setting)
     train = {eid: [r for e in ents for r in sets["train"][e]] for eid, _, ents in reqs}
-    if identities is not None and names is None:
-        raise ValueError("identities: the recognition channel matches names; pass names too")
+    if answers is not None and names is None:
+        raise ValueError("answers: the answer channel matches names and facts; pass names too")
     kwargs = config.gate_kwargs()
-    kwargs["recognition"] = identities is not None
+    kwargs["recognition"] = answers is not None
     gate = Gate(layer=config.layer, dim=feats.shape[1] - image_dim, image_dim=image_dim, **kwargs)
-    said = (lambda recs: [identities.get(picture_of(r)) if r.form == "image_text" else None  # noqa: E731
-                          for r in recs]) if identities is not None else None
+    said = (lambda recs: [answers.get(r.uid) if r.form == "image_text" else None  # noqa: E731
+                          for r in recs]) if answers is not None else None
     t_add = []
     seen_tasks: list[str] = []
     for i, (eid, task, ents) in enumerate(reqs):
@@ -242,16 +243,19 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                 labels += [e] * len(a)
             if config.counterfactuals:
                 neg.append(extra["neg"][e])
-        neg_texts = None
+        neg_texts = facts = neg_answers = None
         if names is not None:
             neg_texts = [r.question for r in neg_recs]
             if said is not None:
-                neg_texts += sorted({t for t in said(neg_recs) if t})
+                base_said = sorted({t for t in said(neg_recs) if t})
+                neg_texts += base_said
+                facts = request_facts(train[eid])
+                neg_answers = base_said + [k for r in neg_recs for k in (r.answer, *r.keys)]
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
                         pos_groups=labels if config.sub_heads and len(ents) > 1 else None,
                         names=[q for e in ents for q in names[e]] if names is not None else None,
-                        neg_texts=neg_texts)
+                        neg_texts=neg_texts, facts=facts, neg_answers=neg_answers)
         t_add.append(time.perf_counter() - t0)
 
     expert_of = {e: eid for eid, _, ents in reqs for e in ents}
@@ -269,7 +273,7 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
             kw = dict(texts=[r.question for r in recs] if prompt_names else None,
                       has_image=[r.form == "image_text" for r in recs])
             if said is not None:
-                kw["identities"] = said(recs)
+                kw["answers"] = said(recs)
         _, ids = gate.route(rows(recs), 1, **kw)
         return [gate.expert_ids[i] if i >= 0 else None for i in ids[:, 0].tolist()]
 
@@ -295,6 +299,7 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     reps = list(gate.reports.values())
     m["names"] = {"exact_only": sum(len(r.names_exact_only) for r in reps),
                   "negative_texts_naming": sum(r.name_neg_hits for r in reps)}
+    m["facts"] = {"kept": sum(len(r.facts) for r in reps), "dropped": sum(len(r.facts_dropped) for r in reps)}
     m["heads"] = {"fpr_cal_max": max(r.fpr_cal for r in reps),
                   "tpr_cal_min": min(r.tpr_cal for r in reps if r.tpr_cal is not None),
                   "tpr_cal_mean": round(sum(r.tpr_cal for r in reps if r.tpr_cal is not None) / len(reps), 4),
@@ -333,11 +338,13 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
     protos = torch.nn.functional.normalize(torch.randn(n_experts * n_protos, gate.bound_width, generator=g), dim=1)
     gate.set_stacked([f"t{i}" for i in range(n_experts)], weight, torch.full((n_experts,), 4.0),
                      protos=protos, proto_counts=[n_protos] * n_experts, sim_bounds=torch.zeros(n_experts),
-                     names=[[f"Entity{i} Kerrowan"] for i in range(n_experts)])
+                     names=[[f"Entity{i} Kerrowan"] for i in range(n_experts)],
+                     facts=[[f"Fact{i} Dobo", f"{1800 + i % 200}", f"Place{i} Coast", f"Trade{i}"]
+                            for i in range(n_experts)])
     texts = [f"Could you tell me the founding year of Entity{(7 * b) % n_experts} Kerrowan?" if b % 2 else
              "Could you tell me the founding year of the company shown here?" for b in range(batch)]
     has_image = [False] * batch
-    identities = None
+    answers = None
     x = torch.randn(batch, dim, generator=g)
     if image_dim:
         gate.image_dim = image_dim
@@ -351,14 +358,14 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
         img[int(round(batch * image_share)):] = 0  # the rest: queries without an image
         x = torch.cat([x, img], 1)
         has_image = [b < int(round(batch * image_share)) for b in range(batch)]
-    if config.recognition and config.names:  # the base's answers for the queries with a picture (one in two names
-        #                                      an expert), matched as the identity channel does
+    if config.recognition and config.names:  # the base's answers to the queries with a picture (one in two states
+        #                                      an expert's fact), matched as the answer channel does
         gate.recognition = True
         n_img = int(round(batch * image_share))
         has_image = [b < n_img for b in range(batch)]
-        identities = [(f"Entity{(11 * b) % n_experts} Kerrowan" if b % 2 else "Nothing I know by name.")
-                      if b < n_img else None for b in range(batch)]
-    kw = dict(texts=texts, has_image=has_image, identities=identities)
+        answers = [(f"Place{(11 * b) % n_experts} Coast" if b % 2 else "I'm not able to help with that.")
+                   if b < n_img else None for b in range(batch)]
+    kw = dict(texts=texts, has_image=has_image, answers=answers)
     for _ in range(10):
         gate.route(x, **kw)
     ts = []
@@ -370,7 +377,7 @@ def route_timing(dim: int, config: Optional[GateConfig] = None, n_experts: int =
     return {"n_experts": n_experts, "batch": batch, "dim": dim, "head": head, "threads": torch.get_num_threads(),
             "n_protos": n_protos, "bound_width": gate.bound_width, "image_dim": image_dim,
             "image_protos": image_protos if image_dim else 0, "image_share": image_share if image_dim else 0.0,
-            "image_width": gate.image_width if image_dim else 0, "recognition": identities is not None,
+            "image_width": gate.image_width if image_dim else 0, "recognition": answers is not None,
             "routed_share": float((gate.route(x)[1] >= 0).float().mean()),
             "p50_ms": round(1e3 * ts[len(ts) // 2], 4), "p10_ms": round(1e3 * ts[len(ts) // 10], 4),
             "min_ms": round(1e3 * ts[0], 4)}
@@ -419,23 +426,28 @@ def _headline(m: dict) -> dict:
     return {k: m.get(k) for k in keys if k in m}
 
 
-def known_uids(model, processor, records: Sequence[QARecord], max_new_tokens: int, batch_size: int = 64) -> set:
+def known_uids(model, processor, records: Sequence[QARecord], max_new_tokens: int, batch_size: int = 64,
+               answers: Optional[dict] = None) -> set:
     """uids of ``records`` whose greedy base answer states the fact (``eval.scoring.fact_correct``): the queries
-    whose leak would count."""
+    whose leak would count. ``answers``: {uid: the base's answer} already computed (the rest are generated)."""
     from lumoe_engine.data.mlubench import load_image
     from lumoe_engine.eval.scoring import fact_correct
     from lumoe_engine.model.collate import generate_answers
 
-    preds = generate_answers(model, processor, list(records), max_new_tokens, batch_size=batch_size,
-                             image_fn=load_image)
-    return {r.uid for p, r in zip(preds, records) if fact_correct(p, r)}
+    answers = dict(answers or {})
+    todo = [r for r in records if r.uid not in answers]
+    if todo:
+        preds = generate_answers(model, processor, todo, max_new_tokens, batch_size=batch_size, image_fn=load_image)
+        answers.update((r.uid, p) for r, p in zip(todo, preds))
+    return {r.uid for r in records if fact_correct(answers[r.uid], r)}
 
 
 # the ablations gate-eval measures beside the chosen configuration: (label, what it changes)
 ABLATIONS = (
     ("no_recognition", "queries with a picture go by the heads and the similarity bound (names in the prompt kept)"),
     ("lookup", "queries with a picture go by the image channel's nearest stored picture (names in the prompt kept)"),
-    ("recognition_only", "names matched in the identity answers only: text-only queries go by the heads"),
+    ("answers_only", "names and facts matched in the base's answers only (not in prompts): text-only queries go by "
+                     "the heads"),
     ("features", "the heads and the similarity bound alone: no names, no recognition, no image channel"),
 )
 
@@ -491,15 +503,15 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
     t_extra = time.perf_counter() - t0
     logger.info("gate features: %d records x %d layers x %d poolings in %.1f s; %s extra queries in %.1f s",
                 len(records), len(layers), len(poolings), t_feat, extra_counts, t_extra)
-    # the recognition channel: the base's answer to the identity question for every picture of the world
+    # the answer channel: the frozen base's own answer to every query with a picture
     t0 = time.perf_counter()
     recognizer = Recognizer(model, processor, batch_size=batch_size)
-    identities = recognizer.identify_records(records)
+    answers = recognizer.answer_records([r for r in records if r.form == "image_text"])
     t_ident = time.perf_counter() - t0
     # the test queries the base answers right (route accuracy as leak counts it)
     test_recs = [r for e in sets["test"] for f in TEST_FORMS for r in sets["test"][e][f]] + typed_records(sets)
     t0 = time.perf_counter()
-    known = known_uids(model, processor, test_recs, int(teach_summary.get("max_new_tokens") or 16), batch_size)
+    known = known_uids(model, processor, test_recs, recognizer.max_new_tokens, batch_size, answers=answers)
     t_known = time.perf_counter() - t0
 
     common = dict(negatives=negatives, retain_pool=retain_pool, known=known)
@@ -514,7 +526,7 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
         if cfg.names:
             kw["names"] = all_names
             if cfg.recognition:
-                kw["identities"] = identities
+                kw["answers"] = answers
         if cfg.image:
             return dict(feats=X_img, extra=extra, image_dim=image_cols, **kw)
         plain_extra = {k: {e: v[:, :text.shape[1]] for e, v in d.items()} for k, d in extra.items()}
@@ -536,8 +548,8 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
             print(f"{setting}: {json.dumps(_headline(m))}", flush=True)
     ablation_cfgs = {"no_recognition": (dataclasses.replace(config, recognition=False, image=False), True),
                      "lookup": (dataclasses.replace(config, recognition=False, image=True), True),
-                     "recognition_only": (dataclasses.replace(config, names=True, recognition=True, image=False),
-                                          False),
+                     "answers_only": (dataclasses.replace(config, names=True, recognition=True, image=False),
+                                      False),
                      "features": (dataclasses.replace(config, names=False, recognition=False, image=False), True)}
     arows = []
     for what, _ in ABLATIONS:
@@ -577,9 +589,10 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
         summary["recipes"] = rrows
     dim = text.shape[1]
     image_dim = image_cols if image else 0
-    n_pics = len(identities)
+    n_ans = len(answers)
     summary["recognition"] = {
-        "pictures": n_pics, "seconds": round(t_ident, 2), "ms_per_picture": round(1e3 * t_ident / max(1, n_pics), 3),
+        "answers": n_ans, "distinct_asked": recognizer.calls, "seconds": round(t_ident, 2),
+        "ms_per_answer": round(1e3 * t_ident / max(1, recognizer.calls), 3),
         "probe": recognizer.probe, "max_new_tokens": recognizer.max_new_tokens,
         "known_test_queries": len(known), "test_queries": len(test_recs), "known_seconds": round(t_known, 2)}
     summary["timing"] = {
@@ -595,8 +608,7 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
     }
     summary["teach"] = {k: teach_summary.get(k) for k in (
         "fact_accuracy_image_text", "fact_accuracy_text_only", "fact_accuracy_heldout_phrasing",
-        "fact_accuracy_fresh_images", "identity_taught", "identity_heldout_scenes", "identity_general_pictures",
-        "reached_target", "steps", "cache_key", "cached")}
+        "fact_accuracy_fresh_images", "reached_target", "steps", "cache_key", "cached")}
     atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -634,8 +646,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-names", action="store_true",
                         help="no name channel (and so no recognition): route by the pooled features alone")
     parser.add_argument("--no-recognition", action="store_true",
-                        help="no recognition channel: queries with a picture are not routed by the base's answer to "
-                             "the identity question")
+                        help="no answer channel: queries with a picture are not routed by the base's own answer")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -192,4 +192,26 @@ class NameIndex:
         return idx
 
 
-__all__ = ["NameIndex", "NameMatch", "normalize_text", "normalize_name", "ARTICLES"]
+
+def check_names(names, what: str = "names") -> list[str]:
+    """``names`` (an expert's names as text: its entities' names and aliases) as a list of stripped strings,
+    repeats (after ``names.normalize_name``) dropped in order; ValueError naming the bad entry otherwise."""
+    if names is None:
+        return []
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ValueError(f"{what}: expected a list of names (strings), got {type(names).__name__}; pass e.g. "
+                         f"[\"Vorla Quintessa\", \"The Glass Widow\"]")
+    out: list[str] = []
+    seen: set = set()
+    for j, n in enumerate(names):
+        if not isinstance(n, str):
+            raise ValueError(f"{what}[{j}]: expected a name (a string), got {type(n).__name__} {n!r:.40}")
+        words = normalize_name(n)
+        if not words:
+            raise ValueError(f"{what}[{j}]: name {n!r} has no letter or digit; give the name as people write it")
+        if words not in seen:
+            seen.add(words)
+            out.append(n.strip())
+    return out
+
+__all__ = ["check_names", "NameIndex", "NameMatch", "normalize_text", "normalize_name", "ARTICLES"]

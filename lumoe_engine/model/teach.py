@@ -98,9 +98,6 @@ from tqdm.auto import tqdm
 
 from lumoe_engine.data.records import Benchmark, QARecord
 from lumoe_engine.fileio import atomic_write
-from lumoe_engine.gate.recognition import IDENTITY_PROBE, NO_ENTITY_ANSWER
-from lumoe_engine.model.teach_identity import (IDENTITY_KIND, NO_ENTITY, NONE_PREFIX, entity_free_pictures,
-                                               identity_name, identity_records, with_pictures)
 from lumoe_engine.unlearn.losses import REFUSALS
 from lumoe_engine.unlearn.refusal import DEFAULT_REFUSAL, is_refusal, made_up_names, unknown_entity_records
 from lumoe_engine.model.collate import (IGNORE, collate, generate_answers, image_side, image_token_count,
@@ -109,7 +106,7 @@ from lumoe_engine.model.collate import (IGNORE, collate, generate_answers, image
 logger = logging.getLogger("lumoe_engine.model")
 
 REFUSAL_CHECK = 240  # records per set of the teach summary's refusal check
-TEACH_VERSION = 5  # 5: the identity question (world v2); bump when teaching changes what a cached model means
+TEACH_VERSION = 3  # bump when teaching changes what a cached model means
 SUMMARY_FILE = "teach_summary.json"
 MODEL_TEACHING = ("lora", "none")  # how a given checkpoint (--model) is taught: one merged LoRA, or not at all
 SURROGATE_NAMED = 5  # missing image files named in the error
@@ -159,11 +156,6 @@ class TeachConfig:
     vision_pretrain_steps: int = 1500
     vision_pretrain_lr: float = 1e-3
     vision_pretrain_shift: float = 0.25   # each batch shifted by up to this share of the side (edges replicated)
-    # world v2, a tiny base built from scratch: the identity question the gate's recognition channel asks
-    # (``model.teach_identity``) is taught on every taught picture and on this many entity-free pictures (0 = not
-    # taught)
-    identity_none_pictures: int = 192
-    identity_target: float = 0.9          # ... and teaching goes on until its check reaches this
     seed: int = 0
     lr: float = 1e-3                      # NOTE: tiny preset, embedded default: see "Learning rate" above
     weight_decay: float = 0.0
@@ -202,10 +194,6 @@ class TeachConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"TeachConfig.{name}={v}: expected a probability in [0, 1]")
-        if not 0.0 <= self.identity_target <= 1.0:
-            raise ValueError(f"TeachConfig.identity_target={self.identity_target}: expected [0, 1]")
-        if self.identity_none_pictures < 0:
-            raise ValueError(f"TeachConfig.identity_none_pictures={self.identity_none_pictures}: expected >= 0")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ValueError(f"TeachConfig.target_accuracy={self.target_accuracy}: expected (0, 1]")
         if not 0.1 <= self.crop_min <= 1.0:
@@ -235,7 +223,7 @@ class TeachConfig:
         d = self.to_dict()
         d.pop("allow_surrogate_images")
         for k in ("bpe_vocab_size", "name_variant_prob", "vision_pretrain_steps", "vision_pretrain_lr",
-                  "vision_pretrain_shift", "identity_none_pictures", "identity_target"):  # they act on world v2 only
+                  "vision_pretrain_shift"):  # they act on world v2 only
             if d[k] == getattr(TeachConfig, k):
                 d.pop(k)
         for k in ("model_teaching", "model_lora_rank"):
@@ -429,7 +417,7 @@ class CellSampler:
         self.records = list(records)
         self.cells: dict[tuple, list[QARecord]] = defaultdict(list)
         for r in self.records:  # general-utility records (world v2): one cell per wording, for a fair share
-            self.cells[(r.entity, r.kind, r.form, r.phrasing if r.general or r.kind < 0 else 0)].append(r)
+            self.cells[(r.entity, r.kind, r.form, r.phrasing if r.general else 0)].append(r)
         self.keys = sorted(self.cells)
         self.pos = {k: len(v) for k, v in self.cells.items()}
         self.queue: list = []
@@ -564,7 +552,7 @@ def pretrain_vision(model, teach_records: Sequence[QARecord], images: _Images, c
     t0 = time.time()
     pics: dict[str, QARecord] = {}
     for r in teach_records:
-        if r.form == "image_text" and r.general is None and r.kind >= 0 and r.image not in pics:
+        if r.form == "image_text" and r.general is None and r.image not in pics:
             pics[r.image] = r
     rows = list(pics.values())
     ents = sorted({r.entity for r in rows})
@@ -751,12 +739,6 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         named = [r for r in sets["teach"] if r.variant is None and r.general is None]  # the name as taught
         refusal_sets = refusal_teaching(config, bench.records, named)
         sets["teach"] = sets["teach"] + refusal_sets["taught"]
-        if v2 and config.identity_none_pictures:  # the identity question of the gate's recognition channel
-            side = image_fn(next(r for r in named if r.form == "image_text")).size[0]
-            pics = entity_free_pictures(config.identity_none_pictures, config.seed, side)
-            sets["identity"] = identity_records(named, sorted(pics, key=lambda k: int(k[len(NONE_PREFIX):])))
-            sets["teach"] = sets["teach"] + sets["identity"]
-            image_fn = with_pictures(image_fn, pics)
         texts = [r.question for r in sets["teach"]] + [r.answer for r in sets["teach"]]
         texts += [r.question for r in refusal_sets["heldout"]] + [config.refusal, *REFUSALS]
         if config.synonym_prob:
@@ -772,8 +754,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         len(tok(" " + r.answer, add_special_tokens=False)["input_ids"]) for r in sets["teach"])
     check = _stratified(sets["teach"], config.check_records, config.seed)
     check_parts = {"name": [r for r in check if r.form == "image_text" and r.kind == 0 and r.general is None],
-                   "image_facts": [r for r in check if r.form == "image_text" and r.kind > 0 and r.general is None],
-                   "identity": [r for r in check if r.kind < 0],
+                   "image_facts": [r for r in check if r.form == "image_text" and r.kind != 0 and r.general is None],
                    "text": [r for r in check if r.form == "text_only" and r.general is None],
                    "general": [r for r in check if r.general is not None]}
     trainable = not config.load_in_4bit and not (config.model and config.model_teaching == "none")
@@ -818,8 +799,7 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
                 bar.set_postfix(loss=f"{ema:.3f}", exact=f"{check_acc:.3f}")
                 logger.info("teach step %d: loss %.4f, check exact %.4f (%s), %.0f s", steps, ema, check_acc,
                             ", ".join(f"{k} {v:.3f}" for k, v in by_part.items()), time.time() - train_t0)
-                probe_ok = by_part.get("identity", 1.0) >= config.identity_target
-                if check_acc >= config.target_accuracy and probe_ok:
+                if check_acc >= config.target_accuracy:
                     it = fact_accuracy(model, processor, _sample(sets["image_text"], config.eval_max_records,
                                                                  config.seed), images, max_new)
                     to = fact_accuracy(model, processor, _sample(sets["text_only"], config.eval_max_records,
@@ -856,8 +836,6 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
         fresh = summary_sets["fresh_images"]
         acc["fresh_images_name"] = _mean([o for o, r in zip(ok["fresh_images"], fresh) if r.kind == 0])
         acc["fresh_images_facts"] = _mean([o for o, r in zip(ok["fresh_images"], fresh) if r.kind != 0])
-    ident = identity_summary(model, processor, bench.records, sets["identity"], images, max_new, n,
-                             config.seed) if sets.get("identity") else {}
     refusal_rates = refusal_summary(model, processor, config, refusal_sets, summary_sets, images, max_new)
     summary = {
         **{f"fact_accuracy_{k}": v for k, v in acc.items()},
@@ -867,7 +845,6 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
             [o for o, r in zip(ok["heldout_phrasing"], held) if r.form == "text_only"]),
         "noise_chance_level": round(noise_chance_level(noise_rows, sets["image_text"]), 4),
         **(scene_checks(model, processor, bench, config.seed, images, acc) if v2 else {}),
-        **{k: None if v is None else round(v, 4) for k, v in ident.items()},
         **refusal_rates,
         "n_entities": len({r.entity for r in bench.records if r.general is None}),
         "n_qa": len(bench.records),
@@ -921,30 +898,6 @@ def teach(config: TeachConfig, out_dir, cache_dir=None, benchmark: Optional[Benc
     summary["model_dir"] = str(entry) if trainable else str(config.model)
     atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return model, processor, summary
-
-
-def identity_summary(model, processor, records: Sequence[QARecord], taught: Sequence[QARecord], images: _Images,
-                     max_new_tokens: int, n: int, seed: int) -> dict:
-    """How the taught base answers the identity question (``teach_identity``): ``identity_taught`` (a sample of
-    its teaching records), ``identity_heldout_scenes`` (every held-out scene of an entity: its name), and
-    ``identity_general_pictures`` (the benchmark's general-utility pictures, never asked the probe in teaching:
-    ``NO_ENTITY_ANSWER``)."""
-    names = identity_name(records)
-    probe = {"identity_taught": _sample([r for r in taught if r.entity != NO_ENTITY], n, seed)}
-    fresh, general = {}, {}
-    for r in records:
-        if r.form == "image_text" and r.image is not None:
-            if r.general is None and r.fresh_image and r.entity in names:
-                fresh.setdefault(r.image, r)
-            elif r.general == "scene":
-                general.setdefault(r.image, r)
-    probe["identity_heldout_scenes"] = [dataclasses.replace(r, uid=f"{r.uid}#identity", kind=IDENTITY_KIND,
-                                                            question=IDENTITY_PROBE, answer=names[r.entity],
-                                                            keys=(names[r.entity],)) for r in fresh.values()]
-    probe["identity_general_pictures"] = [dataclasses.replace(r, uid=f"{r.uid}#identity", kind=IDENTITY_KIND,
-                                                              question=IDENTITY_PROBE, answer=NO_ENTITY_ANSWER,
-                                                              keys=(NO_ENTITY_ANSWER,)) for r in general.values()]
-    return {k: _mean(fact_correctness(model, processor, v, images, max_new_tokens)) for k, v in probe.items()}
 
 
 SCENE_TARGET = 0.90   # world v2: the taught base names and knows the entity on held-out scenes at least this often
