@@ -14,8 +14,10 @@ What it holds:
   calibration splits; a stream sets it to the run's seed);
 - the similarity bound of queries without an image: ``similarity`` (None = off), ``n_protos``, ``sim_quantile``,
   ``bound_dim``;
-- the channels: ``names`` (a prompt naming a forgotten entity goes to its expert) and ``image`` (a query with an
-  image is routed by its image positions), ``image_slack``;
+- the channels: ``names`` (a prompt naming a forgotten entity goes to its expert), ``recognition`` (the answer
+  channel: a query with a picture goes by the frozen base's own answer to it, the names it says and the request's
+  facts it states: ``gate.recognition``; needs ``names``) and ``image`` (the nearest stored picture, the "lookup"
+  preset; off by default), ``image_slack``;
 - how a request's gate training set is built (the recipe): ``augment`` reworded copies of each forget query as
   positives, ``sub_heads`` (one sub-head per entity of a request forgetting several), ``counterfactuals`` (its
   images asked other classes' questions and the reverse, as negatives).
@@ -27,7 +29,8 @@ layer 1, ``mean_last`` (layer 2 was no better and would leave one decoder layer 
 false positives 0.095 / 0.023; 16 prototypes 0.089 / 0.112); no counterfactual negatives (they cost 4-5 points of
 recall); two reworded positives per query; the name channel (text-only held-out wordings routed 0.61 -> 1.0); the
 image channel (held-out wordings with an image 0.53 -> 0.97). ``target_fpr`` 0.005 for a stream or a store;
-``gate-eval`` measures at 0.001 (preset "strict").
+``gate-eval`` measures at 0.001 (preset "strict"). On world v2 (scenes) a stored picture no longer identifies a new
+one, so the default routes pictures by the answer channel instead (``gate-eval``'s ablations give both, per seed).
 
 Letters: D feature width, H hidden size of the language model.
 """
@@ -100,7 +103,8 @@ class GateConfig:
         """The keyword arguments of ``Gate`` this configuration sets (layer and widths come from the model)."""
         return dict(pooling=self.pooling, head=self.head, target_fpr=float(self.target_fpr), seed=int(self.seed),
                     similarity=self.similarity, n_protos=self.n_protos, sim_quantile=self.sim_quantile,
-                    bound_dim=self.bound_dim, image_slack=float(self.image_slack), recognition=bool(self.recognition))
+                    bound_dim=self.bound_dim, image_slack=float(self.image_slack),
+                    recognition=bool(self.recognition and self.names))  # the answer channel matches names
 
     # ------------------------------------------------------------------------------------------------ files
     def to_dict(self) -> dict:
@@ -121,8 +125,9 @@ class GateConfig:
         return cls(**kw).validate()
 
 
-# named presets: "default" (a stream or a store), "strict" (what gate-eval measures: target_fpr 0.001), "features"
-# (the heads and the similarity bound alone, no name or image channel: the ablation)
+# named presets: "default" (a stream or a store), "strict" (what gate-eval measures: target_fpr 0.001), "lookup"
+# (pictures by the nearest stored picture instead of the answer channel: the gate before it), "features" (the heads
+# and the similarity bound alone, no name, answer or image channel: the ablation)
 GATE_PRESETS: dict[str, GateConfig] = {
     "default": GateConfig(),
     "strict": GateConfig(target_fpr=0.001),

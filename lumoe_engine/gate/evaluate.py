@@ -203,7 +203,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     prompt_names: with ``names``, match them in the queries' prompts (False: only in the base's answers, the
         ablation of the answer channel alone; text-only queries then go by the heads).
     known: uids of the test queries the base answers right (as leak counts them): each route_acc_<form> is also
-        given over them (``route_acc_known_<form>``), which the targets judge.
+        given over them (``route_acc_known_<form>``), which the targets judge; each fpr_<set> too
+        (``fpr_known_<set>``: the false positives that cost a right answer; the targets judge ``fpr_<set>``).
     returns (gate, metrics dict)
     """
     if negatives not in ("seen", "all"):
@@ -296,6 +297,10 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
         got = top1(recs)
         m[f"fpr_{name}"] = _rate([g is not None for g in got])
         m[f"n_{name}"] = len(recs)
+        if known is not None:  # the false positives that cost an answer: queries the base answers right
+            kn = [g for g, r in zip(got, recs) if r.uid in known]
+            m[f"fpr_known_{name}"] = _rate([g is not None for g in kn])
+            m[f"n_known_{name}"] = len(kn)
     reps = list(gate.reports.values())
     m["names"] = {"exact_only": sum(len(r.names_exact_only) for r in reps),
                   "negative_texts_naming": sum(r.name_neg_hits for r in reps)}
@@ -306,7 +311,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                   "n_pos_mean": round(sum(r.n_pos for r in reps) / len(reps), 1),
                   "n_neg_max": max(r.n_neg for r in reps)}
     m["add_expert_s"] = {"mean": round(sum(t_add) / len(t_add), 4), "max": round(max(t_add), 4)}
-    judged = {(k.replace("route_acc_", "route_acc_known_") if known is not None else k): v for k, v in TARGETS.items()}
+    judged = {(k.replace("route_acc_", "route_acc_known_") if known is not None else k): v
+              for k, v in TARGETS.items()}
     # a form the benchmark lacks is not judged; one it has but of which the base knows no query fails
     m["meets_targets"] = all((m.get(k) is None and m.get(k.replace("_known_", "_")) is None) or
                              (m.get(k) is not None and (m[k] >= v if k.startswith("route") else m[k] <= v))
@@ -422,7 +428,8 @@ HEADLINE_FORMS = ("image_text", "text_only", "reworded", "name_variants", "alias
 def _headline(m: dict) -> dict:
     keys = ["route_acc_request_image_text", *[f"route_acc_{f}" for f in HEADLINE_FORMS],
             *[f"route_acc_known_{f}" for f in HEADLINE_FORMS], *[f"route_acc_typed_{v}" for v in TYPED_VARIANTS],
-            "fpr_retain", "fpr_unrequested", "fpr_general", "wrong_expert", "meets_targets"]
+            "fpr_retain", "fpr_unrequested", "fpr_general", "fpr_known_retain", "fpr_known_unrequested",
+            "fpr_known_general", "wrong_expert", "meets_targets"]
     return {k: m.get(k) for k in keys if k in m}
 
 
@@ -509,7 +516,8 @@ def gate_eval(out_dir, cache_dir=None, teach_config=None, config: Optional[GateC
     answers = recognizer.answer_records([r for r in records if r.form == "image_text"])
     t_ident = time.perf_counter() - t0
     # the test queries the base answers right (route accuracy as leak counts it)
-    test_recs = [r for e in sets["test"] for f in TEST_FORMS for r in sets["test"][e][f]] + typed_records(sets)
+    test_recs = [r for e in sets["test"] for f in TEST_FORMS for r in sets["test"][e][f]] + typed_records(sets) + \
+        list(sets["retain_eval"]) + list(sets["unrequested"]) + list(sets["general"])
     t0 = time.perf_counter()
     known = known_uids(model, processor, test_recs, recognizer.max_new_tokens, batch_size, answers=answers)
     t_known = time.perf_counter() - t0
