@@ -334,7 +334,7 @@ class RequestPipeline:
         if rid not in self.gate:
             names, neg_texts = (request_names(request), [r.question for r in data.negatives]) \
                 if self.gate_config.names else (None, None)
-            facts = neg_answers = None
+            facts = neg_answers = neg_keys = None
             recognizer = getattr(self.engine, "recognizer", None)
             if neg_texts is not None and recognizer is not None:  # the answer channel (gate.recognition)
                 from lumoe_engine.gate.recognition import request_facts
@@ -342,9 +342,9 @@ class RequestPipeline:
                 said = [t for t in recognizer.answer_records(data.negatives).values() if t]
                 neg_texts += said  # a name whose typo match fires on the base's answer to a negative: exact only
                 facts = request_facts(request.forget)
-                neg_answers = said + [k for r in data.negatives for k in (r.answer, *r.keys)]
+                neg_answers, neg_keys = said, [k for r in data.negatives for k in (r.answer, *r.keys)]
             self.gate.add_expert(rid, pos, neg, **({"pos_groups": data.groups} if data.groups else {}), names=names,
-                                 neg_texts=neg_texts, facts=facts, neg_answers=neg_answers)
+                                 neg_texts=neg_texts, facts=facts, neg_answers=neg_answers, neg_keys=neg_keys)
             self.gate.save(self.gate_dir)
             res.gate_added = True
         res.report = report = self.gate.reports.get(rid)

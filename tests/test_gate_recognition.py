@@ -145,6 +145,26 @@ def test_facts_are_calibrated_on_negatives_and_leave_with_revocation():
                                              answers=["1874"])[1]) == [[]]
 
 
+def test_a_fact_inside_a_negatives_longer_fact_is_kept_with_a_blocker(tmp_path):
+    """"lighthouse" (a forgotten building's original purpose) is inside "Pedrouth Lighthouse" (a retain building's
+    name): kept, with that name as its blocker; the answer "Pedrouth Lighthouse" is the longer fact, not the
+    expert's; "Lighthouse" alone routes; a negative whose own fact *is* the fact drops it; blockers are saved."""
+    g = Gate(layer=0, dim=D, similarity=None, recognition=True)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(2))
+    rep = g.add_expert("r0", x[:20] + 3, x[20:], names=["Stagous Palace"], facts=["lighthouse", "1932", "Violet"],
+                       neg_keys=["Pedrouth Lighthouse", "Violet", "1887"], neg_answers=["It is Pedrouth Lighthouse."])
+    assert rep.facts == ["lighthouse", "1932"] and rep.facts_dropped == ["Violet"]
+    assert rep.fact_blockers == ["Pedrouth Lighthouse"]
+    answers = ["Pedrouth Lighthouse", "Lighthouse", "A lighthouse, built 1932", "Violet"]
+    _, ids = g.route(torch.randn(4, D), 1, texts=["?"] * 4, has_image=[True] * 4, answers=answers)
+    assert _routed(ids) == [[], [0], [0], []]
+    g.save(tmp_path / "g")
+    back = Gate.load(tmp_path / "g")
+    assert back.fact_blockers == [["Pedrouth Lighthouse"]]
+    assert _routed(back.route(torch.randn(4, D), 1, texts=["?"] * 4, has_image=[True] * 4, answers=answers)[1]) == \
+        [[], [0], [0], []]
+
+
 def test_request_facts_are_the_forget_records_keys():
     from lumoe_engine.data.records import QARecord
 

@@ -122,10 +122,18 @@ def test_no_test_query_reaches_trainer_gate_or_calibration(tmp_path, cache, monk
     """Every record the expert trainer trains on and every record whose gate features are computed (the gate's
     positives, negatives and calibration rows) is request data or a general-pool query: no test query's (image,
     question) pair. A test query slipped into a request makes that request fail (ProtocolError) with nothing of it
-    in the bank or the gate."""
-    trained, featured = [], []
+    in the bank or the gate. The answer channel's calibration (the base's answers to the negatives) reads request
+    data only, and each expert's facts are keys of its own request data."""
+    from lumoe_engine.gate.recognition import Recognizer
+
+    trained, featured, answered = [], [], []
     real_train = pipeline.train_expert
     real_call = pipeline.FeatureCache.__call__
+    real_answer = Recognizer.answer_records
+
+    def spy_answer(self, records, *a, **kw):
+        answered.extend(records)
+        return real_answer(self, records, *a, **kw)
 
     def spy_train(model, processor, ctx, request, *a, **kw):
         trained.extend(request.forget + request.retain)
@@ -137,6 +145,7 @@ def test_no_test_query_reaches_trainer_gate_or_calibration(tmp_path, cache, monk
 
     monkeypatch.setattr(pipeline, "train_expert", spy_train)
     monkeypatch.setattr(pipeline.FeatureCache, "__call__", spy_features)
+    monkeypatch.setattr(Recognizer, "answer_records", spy_answer)
     out = tmp_path / "run"
     stream_mod.run_stream(_cfg(out, cache, stream="ab", steps=1))
     cfg = stream_mod.saved_config(out)
@@ -149,6 +158,11 @@ def test_no_test_query_reaches_trainer_gate_or_calibration(tmp_path, cache, monk
     assert trained and featured
     assert not [r.uid for r in trained if key(r) in keys]
     assert not [r.uid for r in featured if key(r) in keys]
+    assert answered and not [r.uid for r in answered if key(r) in keys]
+    gate = Gate.load(out / "gate")
+    assert gate.recognition and all(gate.facts)
+    carried = {k for r in trained for k in (r.keys or (r.answer,))}
+    assert set().union(*map(set, gate.facts)) <= carried
 
     # slip one of taskA's test queries into its forget data: the request fails, nothing of it is kept
     def slip(requests, b):

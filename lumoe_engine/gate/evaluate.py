@@ -244,19 +244,19 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
                 labels += [e] * len(a)
             if config.counterfactuals:
                 neg.append(extra["neg"][e])
-        neg_texts = facts = neg_answers = None
+        neg_texts = facts = neg_answers = neg_keys = None
         if names is not None:
             neg_texts = [r.question for r in neg_recs]
             if said is not None:
                 base_said = sorted({t for t in said(neg_recs) if t})
                 neg_texts += base_said
                 facts = request_facts(train[eid])
-                neg_answers = base_said + [k for r in neg_recs for k in (r.answer, *r.keys)]
+                neg_answers, neg_keys = base_said, [k for r in neg_recs for k in (r.answer, *r.keys)]
         t0 = time.perf_counter()
         gate.add_expert(eid, torch.cat(pos), torch.cat(neg),
                         pos_groups=labels if config.sub_heads and len(ents) > 1 else None,
                         names=[q for e in ents for q in names[e]] if names is not None else None,
-                        neg_texts=neg_texts, facts=facts, neg_answers=neg_answers)
+                        neg_texts=neg_texts, facts=facts, neg_answers=neg_answers, neg_keys=neg_keys)
         t_add.append(time.perf_counter() - t0)
 
     expert_of = {e: eid for eid, _, ents in reqs for e in ents}
@@ -304,7 +304,8 @@ def build_and_score(feats: torch.Tensor, index: dict[str, int], sets: dict, sett
     reps = list(gate.reports.values())
     m["names"] = {"exact_only": sum(len(r.names_exact_only) for r in reps),
                   "negative_texts_naming": sum(r.name_neg_hits for r in reps)}
-    m["facts"] = {"kept": sum(len(r.facts) for r in reps), "dropped": sum(len(r.facts_dropped) for r in reps)}
+    m["facts"] = {"kept": sum(len(r.facts) for r in reps), "dropped": sum(len(r.facts_dropped) for r in reps),
+                  "blockers": sum(len(r.fact_blockers) for r in reps)}
     m["heads"] = {"fpr_cal_max": max(r.fpr_cal for r in reps),
                   "tpr_cal_min": min(r.tpr_cal for r in reps if r.tpr_cal is not None),
                   "tpr_cal_mean": round(sum(r.tpr_cal for r in reps if r.tpr_cal is not None) / len(reps), 4),

@@ -156,6 +156,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         # answer channel: per expert the facts its request forgets (answer keys), matched exactly in the base's
         # answers (gate.policy); the index built lazily
         self._facts: list[list[str]] = []
+        self._fact_blockers: list[list[str]] = []
         self._fact_index: Optional[NameIndex] = None
 
     @classmethod
@@ -283,7 +284,8 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
     def add_expert(self, expert_id: str, pos_feats: torch.Tensor, neg_feats: torch.Tensor,
                    pos_groups: Optional[Sequence] = None, names: Optional[Sequence[str]] = None,
                    neg_texts: Optional[Sequence[str]] = None, facts: Optional[Sequence[str]] = None,
-                   neg_answers: Optional[Sequence[str]] = None) -> HeadReport:
+                   neg_answers: Optional[Sequence[str]] = None, neg_keys: Optional[Sequence[str]] = None
+                   ) -> HeadReport:
         """Fit and calibrate the head of a new expert; no other head changes.
 
         pos_feats: [P, D] the request's queries (P >= 1); neg_feats: [Q, D] retain queries and other requests'
@@ -295,9 +297,10 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         ``HeadReport`` (also in ``reports``). names: the names the request forgets, as text (its entities' names and
         aliases) for the name channel; neg_texts: the prompt texts of its negatives, on which the names are
         calibrated (module docstring); facts: the facts the request forgets (its forget records' answer keys) for
-        the answer channel (``gate.policy``); neg_answers: answers of its negatives (their own, and the base's to
-        those with a picture): a fact found in one is dropped (it does not tell the request's entity from the
-        negatives'). Raises ValueError (bad id, duplicate id, wrong width, empty or non-finite
+        the answer channel (``gate.policy``); neg_answers: the base's answers to its negatives, neg_keys: the
+        negatives' own answers and keys: a fact one of them states is dropped (it does not tell the request's entity
+        from the negatives'), a negative's longer fact that contains one is kept as its blocker
+        (``RoutingPolicy._calibrate_facts``). Raises ValueError (bad id, duplicate id, wrong width, empty or non-finite
         features, groups not matching the positives, malformed names); the gate is unchanged.
         """
         t0 = time.perf_counter()
@@ -312,10 +315,11 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         if neg_texts is not None and (isinstance(neg_texts, str) or not all(isinstance(t, str) for t in neg_texts)):
             raise ValueError("neg_texts: expected a list of the negatives' prompt texts (strings)")
         exact_only, neg_hits = self._calibrate_names(name_list, neg_texts or ())
-        if neg_answers is not None and (isinstance(neg_answers, str) or
-                                        not all(isinstance(t, str) for t in neg_answers)):
-            raise ValueError("neg_answers: expected a list of the negatives' answers (strings)")
-        fact_list, facts_dropped = self._calibrate_facts(check_names(facts, "facts"), neg_answers or ())
+        for what, v in (("neg_answers", neg_answers), ("neg_keys", neg_keys)):
+            if v is not None and (isinstance(v, str) or not all(isinstance(t, str) for t in v)):
+                raise ValueError(f"{what}: expected a list of the negatives' answers (strings)")
+        fact_list, facts_dropped, blockers = self._calibrate_facts(check_names(facts, "facts"), neg_answers or (),
+                                                                   neg_keys or ())
         if pos_groups is None:
             groups = [torch.arange(len(pos))]
         else:
@@ -383,7 +387,8 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
                             image_bounds=[round(t, 6) for _, t in image[0]] if image else [],
                             names=list(name_list), names_exact_only=list(exact_only), name_neg_hits=neg_hits,
                             n_neg_texts=len(neg_texts or ()), facts=list(fact_list),
-                            facts_dropped=list(facts_dropped), n_neg_answers=len(neg_answers or ()))
+                            facts_dropped=list(facts_dropped), fact_blockers=list(blockers),
+                            n_neg_answers=len(neg_answers or ()))
         # commit (nothing above touched the heads)
         E, H = len(self.expert_ids), self._n_rows
         self._grow(H + len(heads))
@@ -401,6 +406,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         self._names_exact.append(exact_only)
         self._name_index = None
         self._facts.append(fact_list)
+        self._fact_blockers.append(blockers)
         self._fact_index = None
         self._commit_image(image)
         self.reports[expert_id] = report
@@ -410,13 +416,14 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
                     thresholds: Optional[torch.Tensor] = None, heads: Optional[Sequence[int]] = None,
                     protos: Optional[torch.Tensor] = None, proto_counts: Optional[Sequence[int]] = None,
                     sim_bounds: Optional[torch.Tensor] = None, names: Optional[Sequence] = None,
-                    names_exact: Optional[Sequence] = None, facts: Optional[Sequence] = None) -> None:
+                    names_exact: Optional[Sequence] = None, facts: Optional[Sequence] = None,
+                    fact_blockers: Optional[Sequence] = None) -> None:
         """Install precomputed stacked heads, replacing all (loading, benchmarks): ``weight`` [H, F], ``bias`` [H]
         (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each);
         similarity bounds: ``protos`` [sum(proto_counts), D] unit prototypes, ``proto_counts`` per expert (0: no
         bound), ``sim_bounds`` [E] (default: no bound for any expert); ``names``: per expert, its names as text
         (default none); ``names_exact``: per expert, those of its names matched exactly only (default none);
-        ``facts``: per expert, the facts of the answer channel (default none).
+        ``facts`` / ``fact_blockers``: per expert, the facts of the answer channel and their blockers (default none).
         Needs the standardiser (``fit_standardizer``) first."""
         heads = [1] * len(expert_ids) if heads is None else [int(h) for h in heads]
         H = sum(heads)
@@ -443,6 +450,11 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
             raise ValueError(f"facts: expected one list of facts (strings) per expert ({len(expert_ids)})")
         fact_lists = [check_names(f, f"facts[{e}]") for e, f in enumerate(facts)] if facts is not None else \
             [[] for _ in expert_ids]
+        if fact_blockers is not None and (isinstance(fact_blockers, (str, bytes)) or
+                                          len(fact_blockers) != len(expert_ids)):
+            raise ValueError(f"fact_blockers: expected one list (strings) per expert ({len(expert_ids)})")
+        blocker_lists = [check_names(b, f"fact_blockers[{e}]") for e, b in enumerate(fact_blockers)] \
+            if fact_blockers is not None else [[] for _ in expert_ids]
         for e, (ns, xs) in enumerate(zip(name_lists, exact_lists)):
             if not {normalize_name(x) for x in xs} <= {normalize_name(n) for n in ns}:
                 raise ValueError(f"names_exact[{e}] {xs}: must be among the expert's names {ns}")
@@ -464,7 +476,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
                                                   torch.tensor(heads, dtype=torch.long, device=dev))
         self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
         self._names, self._names_exact, self._name_index = name_lists, exact_lists, None
-        self._facts, self._fact_index = fact_lists, None
+        self._facts, self._fact_blockers, self._fact_index = fact_lists, blocker_lists, None
         self._IP, self._igroups, self._img_cache = torch.zeros(0, self.image_width, device=dev), \
             [[] for _ in expert_ids], None
         self._P, self._pcount, self._tau, self._bound_cache = torch.zeros(0, self.bound_width, device=dev), [], [], None
@@ -514,6 +526,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         del self._names_exact[e]
         self._name_index = None
         del self._facts[e]
+        del self._fact_blockers[e]
         self._fact_index = None
         if self._igroups:
             i0 = sum(c for g in self._igroups[:e] for c, _ in g)

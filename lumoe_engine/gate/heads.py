@@ -73,6 +73,7 @@ class HeadReport:
     name_neg_hits: int = 0                # negative texts that name the expert exactly (they route to it)
     facts: list = field(default_factory=list)             # answer channel: the facts kept
     facts_dropped: list = field(default_factory=list)     # facts found in a negative's answer (dropped)
+    fact_blockers: list = field(default_factory=list)     # negatives' longer facts containing a kept fact
     n_neg_answers: int = 0
     n_neg_texts: int = 0                  # negative texts the names were checked on
 

@@ -228,36 +228,60 @@ class RoutingPolicy:
         return [list(f) for f in self._facts]
 
     @property
+    def fact_blockers(self) -> list[list[str]]:
+        """Per expert, the negatives' longer facts that contain one of its facts ("Pedrouth Lighthouse" for
+        "lighthouse"): a fact found inside one of them is that longer fact, not the expert's."""
+        return [list(b) for b in self._fact_blockers]
+
+    @property
     def fact_index(self) -> NameIndex:
-        """The exact ``NameIndex`` of every expert's facts (routing ids), built on first use after a change."""
+        """The exact ``NameIndex`` of every expert's facts (routing ids), and every blocker under one extra index
+        (E), built on first use after a change."""
         if self._fact_index is None:
             idx = NameIndex(self.name_fuzzy_chars, 0)
             for fs in self._facts:
                 idx.add(fs)
+            idx.add(dict.fromkeys(b for bs in self._fact_blockers for b in bs))
             self._fact_index = idx
         return self._fact_index
 
     def fact_hits(self, texts: Sequence[str]) -> list[list[int]]:
-        """Per answer text, the experts (routing ids) whose facts it states, in order of first mention."""
+        """Per answer text, the experts (routing ids) whose facts it states, in order of first mention (a fact
+        inside a longer blocker it states does not count)."""
         texts = self._check_texts(texts)
         if not any(self._facts):
             return [[] for _ in texts]
-        idx = self.fact_index
-        return [idx.find(t) for t in texts]
+        idx, E = self.fact_index, len(self._facts)
+        return [[e for e in idx.find(t) if e < E] for t in texts]
 
     @staticmethod
-    def _calibrate_facts(facts: list[str], neg_answers: Sequence[str]) -> tuple[list[str], list[str]]:
-        """(the facts no negative answer states, those one does: dropped)."""
-        if not facts or not neg_answers:
-            return list(facts), []
-        idx = NameIndex(10 ** 6, 0)
-        idx.add(facts)
-        words = {" ".join(normalize_name(f)): f for f in facts}
-        found = set()
-        for t in neg_answers:
-            for m in idx.matches(t):
-                found.add(words[m.name])
-        return [f for f in facts if f not in found], [f for f in facts if f in found]
+    def _calibrate_facts(facts: list[str], neg_answers: Sequence[str], neg_keys: Sequence[str] = ()
+                         ) -> tuple[list[str], list[str], list[str]]:
+        """(facts kept, facts dropped, blockers). A fact is dropped when a negative's own fact (``neg_keys``: its
+        answer and answer keys) is that fact, or when the base's answer to a negative (``neg_answers``) states it
+        outside a blocker; a blocker is a negative's fact that contains a kept fact among other words (it is
+        matched as the longer fact: ``names.NameIndex``, the longest match wins)."""
+        if not facts:
+            return [], [], []
+        keys = {normalize_name(k): k for k in neg_keys if normalize_name(k)}
+        dropped = [f for f in facts if normalize_name(f) in keys]
+        kept = [f for f in facts if f not in dropped]
+
+        def inside(small, big):
+            n = len(small)
+            return len(big) > n and any(big[i:i + n] == small for i in range(len(big) - n + 1))
+
+        blockers = [k for w, k in keys.items() if any(inside(normalize_name(f), w) for f in kept)]
+        if kept and neg_answers:
+            idx = NameIndex(10 ** 6, 0)
+            idx.add(kept)
+            idx.add(blockers)
+            words = {" ".join(normalize_name(f)): f for f in kept}
+            found = {words[m.name] for t in neg_answers for m in idx.matches(t) if m.expert == 0}
+            dropped += [f for f in kept if f in found]
+            kept = [f for f in kept if f not in found]
+        blockers = [k for k in blockers if any(inside(normalize_name(f), normalize_name(k)) for f in kept)]
+        return kept, dropped, blockers
 
     def _calibrate_names(self, names: list[str], neg_texts: Sequence[str]) -> tuple[list[str], int]:
         """(the names whose typo-tolerant match fires on one of ``neg_texts``: matched exactly only, the number of
