@@ -132,8 +132,8 @@ def test_facts_are_calibrated_on_negatives_and_leave_with_revocation():
     rep = g.add_expert("r0", x[:20] + 3, x[20:], names=["Vorla Quintessa"], facts=["Glass painting", "1874", "Red"],
                        neg_answers=["Red", "Blue", "Born in 1900"])
     assert rep.facts == ["Glass painting", "1874"] and rep.facts_dropped == ["Red"] and g.facts == [rep.facts]
-    _, ids = g.route(torch.randn(3, D), 1, texts=["?"] * 3, has_image=[True] * 3,
-                     answers=["Red", "1874", "glass painting"])
+    far = torch.full((3, D), -10.0)  # where its head does not fire (the ambiguous "Red" needs it)
+    _, ids = g.route(far, 1, texts=["?"] * 3, has_image=[True] * 3, answers=["Red", "1874", "glass painting"])
     assert _routed(ids) == [[], [0], [0]]
     with pytest.raises(ValueError, match="facts"):
         g.add_expert("r1", x[:20], x[20:], facts=["ok", 7])
@@ -141,7 +141,7 @@ def test_facts_are_calibrated_on_negatives_and_leave_with_revocation():
         g.add_expert("r1", x[:20], x[20:], facts=["ok"], neg_answers="Red")
     assert g.expert_ids == ["r0"]
     g.remove_expert("r0")
-    assert g.facts == [] and _routed(g.route(torch.randn(1, D), 1, texts=["?"], has_image=[True],
+    assert g.facts == [] and _routed(g.route(far[:1], 1, texts=["?"], has_image=[True],
                                              answers=["1874"])[1]) == [[]]
 
 
@@ -153,7 +153,7 @@ def test_a_fact_inside_a_negatives_longer_fact_is_kept_with_a_blocker(tmp_path):
     x = torch.randn(40, D, generator=torch.Generator().manual_seed(2))
     rep = g.add_expert("r0", x[:20] + 3, x[20:], names=["Stagous Palace"], facts=["lighthouse", "1932", "Violet"],
                        neg_keys=["Pedrouth Lighthouse", "Violet", "1887"], neg_answers=["It is Pedrouth Lighthouse."])
-    assert rep.facts == ["lighthouse", "1932"] and rep.facts_dropped == ["Violet"]
+    assert rep.facts == ["lighthouse", "1932"] and rep.facts_dropped == ["Violet"] == g.facts_ambiguous[0]
     assert rep.fact_blockers == ["Pedrouth Lighthouse"]
     answers = ["Pedrouth Lighthouse", "Lighthouse", "A lighthouse, built 1932", "Violet"]
     _, ids = g.route(torch.randn(4, D), 1, texts=["?"] * 4, has_image=[True] * 4, answers=answers)
@@ -163,6 +163,26 @@ def test_a_fact_inside_a_negatives_longer_fact_is_kept_with_a_blocker(tmp_path):
     assert back.fact_blockers == [["Pedrouth Lighthouse"]]
     assert _routed(back.route(torch.randn(4, D), 1, texts=["?"] * 4, has_image=[True] * 4, answers=answers)[1]) == \
         [[], [0], [0], []]
+
+
+def test_a_shared_fact_routes_only_where_the_expert_head_fires(tmp_path):
+    """A fact the request shares with a negative ("1977": a retain series premiered then too) is kept as ambiguous:
+    an answer that states only it goes to the expert whose head fires on the query's features, else to none; a
+    name or a kept fact in the answer routes as before, whatever the heads say."""
+    g = Gate(layer=0, dim=D, similarity=None, recognition=True)
+    g.fit_standardizer(torch.randn(32, D, generator=torch.Generator().manual_seed(0)))
+    w = torch.zeros(2, D)
+    w[0, 0] = 10.0  # expert 0's head fires where feature 0 is high
+    g.set_stacked(["r0", "r1"], w, torch.tensor([0.0, -100.0]), names=[["Vubrigre Manor"], ["Brask Olden"]],
+                  facts=[["Glass bicycles"], ["Tanner"]], facts_ambiguous=[["1977"], ["1977"]])
+    x = torch.zeros(4, D)
+    x[0, 0], x[1, 0], x[2, 0], x[3, 0] = 5.0, -5.0, -5.0, -5.0
+    _, ids = g.route(x, 1, texts=["When did it premiere?"] * 4, has_image=[True] * 4,
+                     answers=["1977", "1977", "Tanner, 1977", "1980"])
+    assert _routed(ids) == [[0], [], [1], []]
+    assert g.facts_ambiguous == [["1977"], ["1977"]]
+    g.save(tmp_path / "g")
+    assert Gate.load(tmp_path / "g").facts_ambiguous == [["1977"], ["1977"]]
 
 
 def test_request_facts_are_the_forget_records_keys():

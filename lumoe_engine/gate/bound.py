@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from lumoe_engine.gate.heads import _check_features, cover_prototypes, principal_directions
+from lumoe_engine.gate.heads import check_features, cover_prototypes, principal_directions
 
 
 class SimilarityBound:
@@ -113,7 +113,7 @@ class SimilarityBound:
         """Cosine similarity of each query to each expert's nearest prototype (unit ``z``); +inf for an expert
         without prototypes. Every expert, so O(B * all prototypes): for analysis, not the routing path.
         features: [B, D]        returns [B, E] fp32"""
-        x = self._text(_check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
+        x = self._text(check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
         E = len(self.expert_ids)
         out = torch.full((x.shape[0], E), float("inf"), device=x.device)
         if not E or not x.shape[0] or not sum(self._pcount):

@@ -30,8 +30,8 @@ import torch
 from lumoe_engine.gate import features as _features
 from lumoe_engine.gate.bound import SimilarityBound
 from lumoe_engine.gate.config import HEADS
-from lumoe_engine.gate.heads import (HeadReport, _check_features, _split, calibrate_threshold, cover_prototypes,  # noqa: F401
-                                     fit_logistic, principal_directions)
+from lumoe_engine.gate.heads import (HeadReport, calibrate_threshold, calibration_split, check_features,  # noqa: F401
+                                     cover_prototypes, fit_logistic, principal_directions)
 from lumoe_engine.gate.image_channel import ImageChannel
 from lumoe_engine.gate.names import NameIndex, check_names, normalize_name  # noqa: F401
 from lumoe_engine.gate.policy import RoutingPolicy
@@ -157,7 +157,8 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         # answers (gate.policy); the index built lazily
         self._facts: list[list[str]] = []
         self._fact_blockers: list[list[str]] = []
-        self._fact_index: Optional[NameIndex] = None
+        self._facts_ambiguous: list[list[str]] = []
+        self._fact_index = None  # (facts index, ambiguous facts index), built lazily
 
     @classmethod
     def from_config(cls, config, model) -> "Gate":
@@ -263,7 +264,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         if self.expert_ids:
             raise ValueError(f"fit_standardizer: the gate already holds {len(self)} experts whose heads use the "
                              "current standardiser; set it before the first add_expert")
-        full = _check_features(features, self.feature_width, "features").detach().float().cpu()
+        full = check_features(features, self.feature_width, "features").detach().float().cpu()
         x = self._text(full)
         if len(x) < 2:
             raise ValueError(f"features: {len(x)} row; the standardiser needs at least 2")
@@ -308,8 +309,8 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         if expert_id in self.expert_ids:
             raise ValueError(f"expert {expert_id!r} is already in the gate; remove_expert it first to replace it "
                              "(heads are never retrained in place)")
-        pos_full = _check_features(pos_feats, self.feature_width, "pos_feats").detach().float().cpu()
-        neg_full = _check_features(neg_feats, self.feature_width, "neg_feats").detach().float().cpu()
+        pos_full = check_features(pos_feats, self.feature_width, "pos_feats").detach().float().cpu()
+        neg_full = check_features(neg_feats, self.feature_width, "neg_feats").detach().float().cpu()
         pos, neg = self._text(pos_full), self._text(neg_full)
         name_list = check_names(names)
         if neg_texts is not None and (isinstance(neg_texts, str) or not all(isinstance(t, str) for t in neg_texts)):
@@ -340,12 +341,12 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         try:
             p_pos, p_neg = self.phi(pos), self.phi(neg)
             gen = torch.Generator().manual_seed(stable_seed("gate-head", self.seed, expert_id))
-            neg_fit, neg_cal = _split(len(neg), self.calib_share, gen)
+            neg_fit, neg_cal = calibration_split(len(neg), self.calib_share, gen)
             cal_neg = p_neg[neg_cal] if len(neg_cal) else p_neg[neg_fit]
             target = self.target_fpr / len(groups)
             heads, subs, pos_fit_all, pos_cal_all = [], [], [], []
             for rows in groups:
-                fit, cal = _split(len(rows), self.calib_share, gen)
+                fit, cal = calibration_split(len(rows), self.calib_share, gen)
                 pos_fit_all.append(rows[fit])
                 pos_cal_all.append(rows[cal])
                 w, c = fit_logistic(p_pos[rows[fit]], p_neg[neg_fit], self.l2, self.max_iter)
@@ -406,6 +407,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         self._names_exact.append(exact_only)
         self._name_index = None
         self._facts.append(fact_list)
+        self._facts_ambiguous.append(list(facts_dropped))
         self._fact_blockers.append(blockers)
         self._fact_index = None
         self._commit_image(image)
@@ -417,7 +419,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
                     protos: Optional[torch.Tensor] = None, proto_counts: Optional[Sequence[int]] = None,
                     sim_bounds: Optional[torch.Tensor] = None, names: Optional[Sequence] = None,
                     names_exact: Optional[Sequence] = None, facts: Optional[Sequence] = None,
-                    fact_blockers: Optional[Sequence] = None) -> None:
+                    fact_blockers: Optional[Sequence] = None, facts_ambiguous: Optional[Sequence] = None) -> None:
         """Install precomputed stacked heads, replacing all (loading, benchmarks): ``weight`` [H, F], ``bias`` [H]
         (calibrated), ``thresholds`` [H] (default 0), ``heads``: sub-heads per expert (default one each);
         similarity bounds: ``protos`` [sum(proto_counts), D] unit prototypes, ``proto_counts`` per expert (0: no
@@ -455,6 +457,11 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
             raise ValueError(f"fact_blockers: expected one list (strings) per expert ({len(expert_ids)})")
         blocker_lists = [check_names(b, f"fact_blockers[{e}]") for e, b in enumerate(fact_blockers)] \
             if fact_blockers is not None else [[] for _ in expert_ids]
+        if facts_ambiguous is not None and (isinstance(facts_ambiguous, (str, bytes)) or
+                                            len(facts_ambiguous) != len(expert_ids)):
+            raise ValueError(f"facts_ambiguous: expected one list (strings) per expert ({len(expert_ids)})")
+        ambiguous_lists = [check_names(b, f"facts_ambiguous[{e}]") for e, b in enumerate(facts_ambiguous)] \
+            if facts_ambiguous is not None else [[] for _ in expert_ids]
         for e, (ns, xs) in enumerate(zip(name_lists, exact_lists)):
             if not {normalize_name(x) for x in xs} <= {normalize_name(n) for n in ns}:
                 raise ValueError(f"names_exact[{e}] {xs}: must be among the expert's names {ns}")
@@ -477,6 +484,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         self._n_rows, self._heads, self.expert_ids = H, heads, list(expert_ids)
         self._names, self._names_exact, self._name_index = name_lists, exact_lists, None
         self._facts, self._fact_blockers, self._fact_index = fact_lists, blocker_lists, None
+        self._facts_ambiguous = ambiguous_lists
         self._IP, self._igroups, self._img_cache = torch.zeros(0, self.image_width, device=dev), \
             [[] for _ in expert_ids], None
         self._P, self._pcount, self._tau, self._bound_cache = torch.zeros(0, self.bound_width, device=dev), [], [], None
@@ -527,6 +535,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
         self._name_index = None
         del self._facts[e]
         del self._fact_blockers[e]
+        del self._facts_ambiguous[e]
         self._fact_index = None
         if self._igroups:
             i0 = sum(c for g in self._igroups[:e] for c, _ in g)
@@ -556,7 +565,7 @@ class Gate(RoutingPolicy, SimilarityBound, ImageChannel):
 
         features: [B, D] float       returns [B, E] fp32 (on the features' device)
         """
-        x = self._text(_check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
+        x = self._text(check_features(features, self.feature_width, "features", allow_empty=True, finite=False))
         if not self.expert_ids:
             return torch.zeros(x.shape[0], 0, dtype=torch.float32, device=x.device)
         W, b = self.weight, self.bias

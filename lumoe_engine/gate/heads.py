@@ -78,7 +78,7 @@ class HeadReport:
     n_neg_texts: int = 0                  # negative texts the names were checked on
 
 
-def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
+def check_features(x, dim: int, name: str, allow_empty: bool = False, finite: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor [n, {dim}], got {type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != dim:
@@ -93,7 +93,7 @@ def _check_features(x, dim: int, name: str, allow_empty: bool = False, finite: b
     return x
 
 
-def _split(n: int, share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_split(n: int, share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded split of range(n): (fit rows, calibration rows); calibration gets floor(n * share), fit keeps >= 1."""
     perm = torch.randperm(n, generator=gen)
     n_cal = min(int(math.floor(n * share)), n - 1) if n > 1 else 0

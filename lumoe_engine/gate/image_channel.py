@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from lumoe_engine.gate.heads import _check_features, cover_prototypes, principal_directions
+from lumoe_engine.gate.heads import check_features, cover_prototypes, principal_directions
 
 
 class ImageChannel:
@@ -211,7 +211,7 @@ class ImageChannel:
         """The image channel's decision for each row (``features`` [B, D + D_img]): the expert owning the nearest
         image prototype when the cosine reaches its group's bound and no background image is nearer, else -1 (also
         for rows without an image, and without an image channel). returns [B] int64."""
-        x = _check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
+        x = check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
         out = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         if not self.image_dim or self.img_mean is None or not x.shape[0]:
             return out

@@ -60,7 +60,7 @@ from typing import Optional, Sequence
 import torch
 
 from lumoe_engine import ops
-from lumoe_engine.gate.heads import _check_features
+from lumoe_engine.gate.heads import check_features
 from lumoe_engine.gate.names import NameIndex, normalize_name
 
 
@@ -89,7 +89,7 @@ class RoutingPolicy:
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: expected an int >= 1")
-        x = _check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
+        x = check_features(features, self.feature_width, "features", allow_empty=True, finite=False)
         B, E = x.shape[0], len(self.expert_ids)
         texts = self._check_texts(texts, B)
         if has_image is not None:
@@ -158,6 +158,16 @@ class RoutingPolicy:
         said = self.name_hits([ident[b] for b in rec])
         stated = self.fact_hits([ident[b] for b in rec])
         asked = self.name_hits([texts[b] for b in rec]) if texts is not None else [[] for _ in rec]
+        # a row whose answer states only a fact the request shares with its negatives (ambiguous) goes to an expert
+        # of that fact whose head fires on it (the features tell which entity it is)
+        vague = [j for j in range(len(rec)) if not (asked[j] or said[j] or stated[j])]
+        if vague and any(self._facts_ambiguous) and self._n_rows:
+            amb = self.fact_hits([ident[rec[j]] for j in vague], ambiguous=True)
+            need = [j for j, a in zip(vague, amb) if a]
+            if need:
+                fire = self.scores(x.index_select(0, torch.tensor([rec[j] for j in need], device=x.device))) >= 0
+                for r_, (j, a) in enumerate((j, a) for j, a in zip(vague, amb) if a):
+                    stated[j] = [e for e in a if bool(fire[r_, e])]
         for b, a, s, f in zip(rec, asked, said, stated):
             h = list(dict.fromkeys(a + s + f))[:top_k]
             if h:
@@ -234,24 +244,34 @@ class RoutingPolicy:
         return [list(b) for b in self._fact_blockers]
 
     @property
+    def facts_ambiguous(self) -> list[list[str]]:
+        """Per expert, its request's facts that a negative shares (they route only with the expert's head)."""
+        return [list(f) for f in self._facts_ambiguous]
+
+    def _build_fact_index(self, lists) -> NameIndex:
+        idx = NameIndex(self.name_fuzzy_chars, 0)
+        for fs in lists:
+            idx.add(fs)
+        idx.add(dict.fromkeys(b for bs in self._fact_blockers for b in bs))
+        return idx
+
+    @property
     def fact_index(self) -> NameIndex:
         """The exact ``NameIndex`` of every expert's facts (routing ids), and every blocker under one extra index
         (E), built on first use after a change."""
         if self._fact_index is None:
-            idx = NameIndex(self.name_fuzzy_chars, 0)
-            for fs in self._facts:
-                idx.add(fs)
-            idx.add(dict.fromkeys(b for bs in self._fact_blockers for b in bs))
-            self._fact_index = idx
-        return self._fact_index
+            self._fact_index = (self._build_fact_index(self._facts), self._build_fact_index(self._facts_ambiguous))
+        return self._fact_index[0]
 
-    def fact_hits(self, texts: Sequence[str]) -> list[list[int]]:
-        """Per answer text, the experts (routing ids) whose facts it states, in order of first mention (a fact
-        inside a longer blocker it states does not count)."""
+    def fact_hits(self, texts: Sequence[str], ambiguous: bool = False) -> list[list[int]]:
+        """Per answer text, the experts (routing ids) whose facts (``ambiguous``: whose shared facts) it states, in
+        order of first mention (a fact inside a longer blocker it states does not count)."""
         texts = self._check_texts(texts)
-        if not any(self._facts):
+        lists = self._facts_ambiguous if ambiguous else self._facts
+        if not any(lists):
             return [[] for _ in texts]
-        idx, E = self.fact_index, len(self._facts)
+        self.fact_index
+        idx, E = self._fact_index[1 if ambiguous else 0], len(lists)
         return [[e for e in idx.find(t) if e < E] for t in texts]
 
     @staticmethod

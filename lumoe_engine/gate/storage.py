@@ -59,6 +59,7 @@ def save_gate(self, path) -> Path:
             "expert_ids": list(self.expert_ids), "heads": list(self._heads), "proto_counts": list(self._pcount),
             "names": [list(n) for n in self._names], "names_exact": [list(n) for n in self._names_exact],
             "facts": [list(f) for f in self._facts], "fact_blockers": [list(b) for b in self._fact_blockers],
+            "facts_ambiguous": [list(f) for f in self._facts_ambiguous],
             "image_groups": [[[c, t] for c, t in g] for g in self._igroups],
             "tensors": name, "sha256": sha,
             "reports": {k: asdict(v) for k, v in self.reports.items()}}
@@ -151,6 +152,9 @@ def load_gate(cls, path, names: Optional[Mapping[str, Sequence[str]]] = None):
     facts_doc = meta.get("facts")  # versions 1-4: no answer channel
     if facts_doc is not None and (not isinstance(facts_doc, list) or len(facts_doc) != E):
         raise ValueError(f"{jpath}: 'facts' must hold one list of facts per expert ({E})")
+    ambiguous_doc = meta.get("facts_ambiguous")
+    if ambiguous_doc is not None and (not isinstance(ambiguous_doc, list) or len(ambiguous_doc) != E):
+        raise ValueError(f"{jpath}: 'facts_ambiguous' must hold one list per expert ({E})")
     blockers_doc = meta.get("fact_blockers")
     if blockers_doc is not None and (not isinstance(blockers_doc, list) or len(blockers_doc) != E):
         raise ValueError(f"{jpath}: 'fact_blockers' must hold one list per expert ({E})")
@@ -158,7 +162,8 @@ def load_gate(cls, path, names: Optional[Mapping[str, Sequence[str]]] = None):
         gate.set_stacked(ids, t["weight"], t["bias"], t["threshold"], heads,
                          protos=protos if protos is not None else None,
                          proto_counts=counts if protos is not None else None, sim_bounds=t.get("sim_bounds"),
-                         names=names_doc, names_exact=exact_doc, facts=facts_doc, fact_blockers=blockers_doc)
+                         names=names_doc, names_exact=exact_doc, facts=facts_doc, fact_blockers=blockers_doc,
+                         facts_ambiguous=ambiguous_doc)
     if "img_mean" in t:
         groups = meta.get("image_groups")
         n = sum(int(c) for g in (groups or []) for c, _ in g)
