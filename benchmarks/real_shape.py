@@ -124,7 +124,8 @@ def run(args) -> dict:
     from lumoe_engine.data.mlubench import load_benchmark, load_image
     from lumoe_engine.data.streams import Request
     from lumoe_engine.engine import LUMoEEngine
-    from lumoe_engine.gate import gate as gate_mod
+    from lumoe_engine.gate import bound as bound_mod
+    from lumoe_engine.gate import image_channel as image_mod
     from lumoe_engine.gate.config import gate_preset
     from lumoe_engine.gate.gate import Gate
     from lumoe_engine.model.bank import ExpertBank, lora_bytes
@@ -231,12 +232,15 @@ def run(args) -> dict:
 
     doc["gate_features_shape"] = {"positives": list(pos.shape), "negatives": list(neg.shape)}
     doc["gate_fit_seconds_after"] = fit()
-    saved = gate_mod.principal_directions, Gate.__dict__["_distinct"]
-    gate_mod.principal_directions, Gate._distinct = _scatter_directions, staticmethod(_old_distinct)
+    # (the gate's rooms that use them: the similarity bound's and the image channel's directions, the image channel's
+    # distinct pictures)
+    saved = bound_mod.principal_directions, image_mod.principal_directions, image_mod.ImageChannel.__dict__["_distinct"]
+    bound_mod.principal_directions = image_mod.principal_directions = _scatter_directions
+    image_mod.ImageChannel._distinct = staticmethod(_old_distinct)
     try:
         doc["gate_fit_seconds_before"] = fit() if not args.skip_before else None
     finally:
-        gate_mod.principal_directions, Gate._distinct = saved
+        bound_mod.principal_directions, image_mod.principal_directions, image_mod.ImageChannel._distinct = saved
 
     # resident memory per added expert
     def routed_forward(eid):
