@@ -6,7 +6,8 @@ per query.
 1. a query with a picture and the base's answer to it (``answers``, the answer channel: ``gate.recognition``; a
    gate with ``recognition`` on) goes to the experts its prompt names, then those the base's answer names or whose
    request's facts it states (names as text, typo-tolerant; facts exactly: ``gate.names``), as many as ``top_k``,
-   else to none; nothing else routes it;
+   else to none; nothing else routes it — except that an answer stating only a fact the request shares with one of
+   its negatives (``facts_ambiguous``) goes to that fact's expert(s) whose head fires on the query's features;
 2. any other query: the heads' top-k calibrated logits that fire, each choice kept only within its expert's
    similarity bound (``gate.bound``); a query with image columns is routed by the image channel instead when
    the gate has one (``gate.image_channel``);
@@ -19,7 +20,9 @@ to both experts, in order of first mention (prompt, then the answer's names, the
 heads at ``target_fpr`` each on held-out negatives; the names on the negatives' texts and the base's answers about
 the negatives' pictures (a name whose typo-tolerant match fires on one is matched exactly only; an exact mention of
 a forgotten name routes by design, counted in ``HeadReport.name_neg_hits``, not hidden); the facts on the negatives'
-own answers and the base's answers to them (a fact one of them states is dropped: ``HeadReport.facts_dropped``).
+own answers and the base's answers to them (a fact one of them states is ambiguous: ``HeadReport.facts_dropped``,
+routed only with the expert's head; measured on the development seed 0, gate-eval: the known pictures routed 0.978
+without that, 1.000 with it, false positives 0.019 / 0.016 -> 0.021 / 0.023 on retain / never-requested queries).
 
 Name channel (``add_expert(names=...)``): a request gives the names of what it forgets, as text (its entities'
 names and the aliases its request lists). ``route(features, texts=...)`` matches them in each query's prompt text
