@@ -69,7 +69,7 @@ class Recognizer:
     @torch.no_grad()
     def answer(self, images: Sequence[Optional[Image.Image]], prompts: Sequence[str]) -> list[Optional[str]]:
         """The base's answer to each query with a picture (None where the query has none). [B] -> [B]."""
-        from lumoe_engine.engine import query_records
+        from lumoe_engine.data.records import QARecord
         from lumoe_engine.model import collate
 
         if len(images) != len(prompts):
@@ -94,7 +94,8 @@ class Recognizer:
         if self.ctx is not None:
             self.ctx.clear()
         keys = list(todo)
-        recs = query_records([asked[k][1] for k in keys], [asked[k][0] for k in keys])
+        recs = [QARecord(uid=f"answer{i}", entity="", cls="", kind=0, phrasing=0, question=asked[k][1], answer="")
+                for i, k in enumerate(keys)]  # (rows to batch: every one with its picture)
         texts = collate.generate_answers(self.model, self.processor, recs, self.max_new_tokens,
                                          batch_size=self.batch_size, images=[asked[k][0] for k in keys])
         for k, t in zip(keys, texts):
