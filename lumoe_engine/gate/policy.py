@@ -258,13 +258,17 @@ class RoutingPolicy:
         idx.add(dict.fromkeys(b for bs in self._fact_blockers for b in bs))
         return idx
 
+    def _fact_indexes(self) -> tuple[NameIndex, NameIndex]:
+        """(facts, ambiguous facts) indexes, built on first use after a change."""
+        if self._fact_index is None:
+            self._fact_index = (self._build_fact_index(self._facts), self._build_fact_index(self._facts_ambiguous))
+        return self._fact_index
+
     @property
     def fact_index(self) -> NameIndex:
         """The exact ``NameIndex`` of every expert's facts (routing ids), and every blocker under one extra index
         (E), built on first use after a change."""
-        if self._fact_index is None:
-            self._fact_index = (self._build_fact_index(self._facts), self._build_fact_index(self._facts_ambiguous))
-        return self._fact_index[0]
+        return self._fact_indexes()[0]
 
     def fact_hits(self, texts: Sequence[str], ambiguous: bool = False) -> list[list[int]]:
         """Per answer text, the experts (routing ids) whose facts (``ambiguous``: whose shared facts) it states, in
@@ -273,8 +277,7 @@ class RoutingPolicy:
         lists = self._facts_ambiguous if ambiguous else self._facts
         if not any(lists):
             return [[] for _ in texts]
-        self.fact_index
-        idx, E = self._fact_index[1 if ambiguous else 0], len(lists)
+        idx, E = self._fact_indexes()[1 if ambiguous else 0], len(lists)
         return [[e for e in idx.find(t) if e < E] for t in texts]
 
     @staticmethod
