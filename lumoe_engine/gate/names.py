@@ -113,15 +113,7 @@ class NameIndex:
     def add(self, names: Iterable[str]) -> int:
         """A new expert's names (its entities' names and aliases); returns its routing index. Names that normalise
         to nothing are ValueError; repeats are kept once."""
-        words = []
-        for n in names:
-            if not isinstance(n, str):
-                raise ValueError(f"names: expected strings, got {type(n).__name__}")
-            w = normalize_name(n)
-            if not w:
-                raise ValueError(f"name {n!r} has no letter or digit; give the entity's name as people write it")
-            if w not in words:
-                words.append(w)
+        words = [normalize_name(n) for n in check_names(list(names))]  # validated, repeats dropped
         self.names.append(words)
         self._exact_only.append(set())
         e = len(self.names) - 1
